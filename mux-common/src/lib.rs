@@ -1,0 +1,2 @@
+//! Types shared by user space and the eBPF programs.
+#![no_std]

@@ -1,0 +1,3 @@
+//! h2c prior knowledge.
+use super::Probe;
+pub fn probe(_buf: &[u8]) -> Probe<()> { Probe::NoMatch }

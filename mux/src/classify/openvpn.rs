@@ -1,0 +1,3 @@
+//! openvpn.
+use super::Probe;
+pub fn probe(_buf: &[u8]) -> Probe<()> { Probe::NoMatch }

@@ -1,0 +1,3 @@
+//! mux: many services through one TCP port. The library behind the `mux` binary.
+
+pub mod classify;
