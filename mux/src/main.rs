@@ -1,3 +1,90 @@
-//! The `mux` binary: parse the command line, then hand over to the library.
+//! The `mux` binary: parse the command line, set up the process, serve.
 
-fn main() {}
+use std::process::ExitCode;
+
+use anyhow::Context;
+use mux::cli::{self, Command};
+use mux::connection::Shared;
+use mux::datapath::DataPath;
+use mux::privileges::{self, Pidfile};
+use mux::Server;
+
+fn main() -> ExitCode {
+    let (cli, matches) = cli::parse();
+    match cli.command {
+        Some(Command::Check(args)) => {
+            let sub = matches.subcommand_matches("check").expect("clap gave us check");
+            match args.config(sub) {
+                Ok(config) => {
+                    print!("configuration OK\n{}", config.describe());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mux check: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {
+            init_logging(cli.run.verbose);
+            match serve(&cli.run, &matches) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+}
+
+fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let config = args.config(matches)?;
+    match privileges::raise_fd_limit() {
+        Ok(n) => log::debug!("open file limit: {n}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let (datapath, why) = DataPath::select(config.datapath)?;
+        log::info!("datapath: {why}");
+        log::info!("routes:\n{}", config.describe().trim_end());
+        let server = Server::bind(Shared { config, datapath }).await?;
+        for addr in server.local_addrs() {
+            log::info!("listening on {addr}");
+        }
+        let _pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
+        if let Some(user) = &args.user {
+            privileges::drop_to_user(user)?;
+            log::info!("running as user {user}");
+        }
+        server.serve(shutdown_signal()).await;
+        log::info!("stopped");
+        Ok(())
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        log::error!("cannot install signal handlers; stop mux with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM: stopping"),
+        _ = int.recv() => log::info!("SIGINT: stopping"),
+    }
+}

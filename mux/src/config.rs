@@ -1,0 +1,501 @@
+//! The configuration: TOML schema (serde, unknown keys refused) validated into a [`Config`].
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::classify::Protocol;
+use crate::route::{Backend, Glob, Route, Router};
+
+/// The reference layout of a GPU box: `mux` with no arguments runs this.
+pub const DEFAULT_CONFIG: &str = include_str!("../../examples/gpu-box.toml");
+pub const DEFAULT_CONFIG_NAME: &str = "(embedded default config)";
+
+/// How spliced bytes move once a connection is classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPathKind {
+    /// The fastest path this host supports.
+    Auto,
+    /// The kernel path (eBPF sockmap); refusing to start without it.
+    Ebpf,
+    /// splice(2) through a pipe: bytes stay in the kernel, user space drives.
+    Splice,
+    /// A read/write copy loop.
+    Copy,
+}
+
+impl DataPathKind {
+    pub fn parse(s: &str) -> Option<DataPathKind> {
+        Some(match s {
+            "auto" => DataPathKind::Auto,
+            "ebpf" => DataPathKind::Ebpf,
+            "splice" => DataPathKind::Splice,
+            "copy" => DataPathKind::Copy,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPathKind::Auto => "auto",
+            DataPathKind::Ebpf => "ebpf",
+            DataPathKind::Splice => "splice",
+            DataPathKind::Copy => "copy",
+        }
+    }
+}
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `host:port` strings, resolved when binding.
+    pub listen: Vec<String>,
+    pub datapath: DataPathKind,
+    pub classify_timeout: Duration,
+    /// Route index for clients that send nothing within `classify_timeout`.
+    pub on_timeout: Option<usize>,
+    pub connect_timeout: Duration,
+    pub router: Router,
+}
+
+impl Config {
+    /// The routing table as printed at start-up and by `mux check`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let routes = self.router.routes();
+        let w_name = routes.iter().map(|r| r.name.len()).max().unwrap_or(0).max(5);
+        let w_proto = 8;
+        let w_cond = routes.iter().map(|r| r.conditions().len()).max().unwrap_or(0).max(10);
+        out.push_str(&format!(
+            "{:<3} {:<w_name$} {:<w_proto$} {:<w_cond$} backend\n",
+            "#", "route", "protocol", "conditions"
+        ));
+        for (i, r) in routes.iter().enumerate() {
+            out.push_str(&format!(
+                "{:<3} {:<w_name$} {:<w_proto$} {:<w_cond$} {}\n",
+                i + 1,
+                r.name,
+                r.protocol.name(),
+                r.conditions(),
+                r.backend
+            ));
+        }
+        let timeout_route = self.on_timeout.map_or("close the connection", |i| &routes[i].name);
+        out.push_str(&format!("silent for {:?}: {timeout_route}", self.classify_timeout));
+        if !routes.iter().any(|r| r.protocol == Protocol::Any) {
+            out.push_str("; matching no route: close the connection");
+        }
+        out.push('\n');
+        out.push_str(&format!("listen: {}; datapath: {}\n", self.listen.join(", "), self.datapath.name()));
+        out
+    }
+}
+
+/// What went wrong, with enough to find it: file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {file}: {source}")]
+    Read { file: String, source: std::io::Error },
+    /// toml's message already shows the line, column and offending key.
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}:{line}: `{key}`: {message}")]
+    Invalid { file: String, line: usize, key: String, message: String },
+    /// A problem with the configuration as a whole (no line to point at).
+    #[error("{file}: {message}")]
+    Whole { file: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Validator { text, file }.config(raw)
+    }
+}
+
+/// Durations as `"2s"`, `"500ms"`, `"1.5s"`, `"1m"`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"2s\", \"500ms\" or a number of seconds")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationValue, E> {
+                u64::try_from(v)
+                    .map(|s| DurationValue(Duration::from_secs(s)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DurationValue, E> {
+                Duration::try_from_secs_f64(v).map(DurationValue).map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationValue, E> {
+                parse_duration(v).map(DurationValue).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"2s"`, `"500ms"`, `"1.5s"`, `"2m"`, `"1h"` or `"3"` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (write e.g. \"2s\" or \"500ms\")"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{s}`: {e}"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<OneOrMany>>,
+    datapath: Option<Spanned<String>>,
+    classify_timeout: Option<Spanned<DurationValue>>,
+    on_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<DurationValue>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<Spanned<String>>,
+    protocol: Spanned<String>,
+    sni: Option<Spanned<String>>,
+    alpn: Option<Spanned<OneOrMany>>,
+    host: Option<Spanned<String>>,
+    regex: Option<Spanned<String>>,
+    backend: Spanned<String>,
+}
+
+/// Turns spans into the line numbers that errors cite.
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Validator<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    fn invalid(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: self.line(span),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn whole(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Whole { file: self.file.to_string(), message: message.into() }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = match raw.listen {
+            None => return Err(self.whole("`listen` is missing: say where to accept, e.g. listen = [\"0.0.0.0:2222\"]")),
+            Some(l) => {
+                let span = l.span();
+                let addrs = l.into_inner().into_vec();
+                if addrs.is_empty() {
+                    return Err(self.invalid(span, "listen", "needs at least one address"));
+                }
+                for a in &addrs {
+                    check_listen(a).map_err(|m| self.invalid(span.clone(), "listen", m))?;
+                }
+                addrs
+            }
+        };
+
+        let datapath = match raw.datapath {
+            None => DataPathKind::Auto,
+            Some(d) => DataPathKind::parse(d.get_ref()).ok_or_else(|| {
+                self.invalid(d.span(), "datapath", format!("`{}` is not one of auto, ebpf, splice, copy", d.get_ref()))
+            })?,
+        };
+
+        let classify_timeout = self.timeout(raw.classify_timeout, "classify_timeout", Duration::from_secs(2))?;
+        let connect_timeout = self.timeout(raw.connect_timeout, "connect_timeout", Duration::from_secs(10))?;
+
+        if raw.route.is_empty() {
+            return Err(self.whole("no [[route]]: add at least one, e.g. protocol = \"ssh\", backend = \"127.0.0.1:22\""));
+        }
+        let mut routes: Vec<Route> = Vec::with_capacity(raw.route.len());
+        for raw_route in raw.route {
+            let span = raw_route.span();
+            let route = self.route(raw_route.into_inner())?;
+            if routes.iter().any(|r| r.name == route.name) {
+                return Err(self.invalid(
+                    span,
+                    "name",
+                    format!("two routes are named `{}`: give each route its own `name`", route.name),
+                ));
+            }
+            routes.push(route);
+        }
+
+        let on_timeout = match raw.on_timeout {
+            Some(name) => {
+                let found = routes.iter().position(|r| r.name == *name.get_ref());
+                Some(found.ok_or_else(|| {
+                    let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+                    self.invalid(
+                        name.span(),
+                        "on_timeout",
+                        format!("no route named `{}` (routes: {})", name.get_ref(), names.join(", ")),
+                    )
+                })?)
+            }
+            // As sslh: silent clients are most likely SSH clients waiting for
+            // the server's banner.
+            None => routes.iter().position(|r| r.protocol == Protocol::Ssh),
+        };
+
+        Ok(Config { listen, datapath, classify_timeout, on_timeout, connect_timeout, router: Router::new(routes) })
+    }
+
+    fn timeout(
+        &self,
+        value: Option<Spanned<DurationValue>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(v) = value else { return Ok(default) };
+        let d = v.get_ref().0;
+        if d.is_zero() || d > Duration::from_secs(3600) {
+            return Err(self.invalid(v.span(), key, format!("{d:?} is out of range (more than 0, at most 1h)")));
+        }
+        Ok(d)
+    }
+
+    fn route(&self, raw: RawRoute) -> Result<Route, ConfigError> {
+        let protocol = Protocol::from_name(raw.protocol.get_ref()).ok_or_else(|| {
+            let names: Vec<&str> = Protocol::ALL.iter().map(|p| p.name()).collect();
+            self.invalid(
+                raw.protocol.span(),
+                "protocol",
+                format!("unknown protocol `{}` (one of {})", raw.protocol.get_ref(), names.join(", ")),
+            )
+        })?;
+        let name = match raw.name {
+            Some(n) if n.get_ref().trim().is_empty() => return Err(self.invalid(n.span(), "name", "must not be empty")),
+            Some(n) => n.into_inner(),
+            None => protocol.name().to_string(),
+        };
+        let only_for = |span: Option<Range<usize>>, key: &str, allowed: Protocol| -> Result<(), ConfigError> {
+            match span {
+                Some(span) if protocol != allowed => Err(self.invalid(
+                    span,
+                    key,
+                    format!("only applies to protocol = \"{}\" (this route is {})", allowed.name(), protocol.name()),
+                )),
+                _ => Ok(()),
+            }
+        };
+        only_for(raw.sni.as_ref().map(Spanned::span), "sni", Protocol::Tls)?;
+        only_for(raw.alpn.as_ref().map(Spanned::span), "alpn", Protocol::Tls)?;
+        only_for(raw.host.as_ref().map(Spanned::span), "host", Protocol::Http)?;
+        only_for(raw.regex.as_ref().map(Spanned::span), "regex", Protocol::Regex)?;
+
+        let regex = match raw.regex {
+            Some(re) => Some(
+                regex::bytes::Regex::new(re.get_ref())
+                    .map_err(|e| self.invalid(re.span(), "regex", format!("{e}")))?,
+            ),
+            None if protocol == Protocol::Regex => {
+                return Err(self.invalid(raw.protocol.span(), "regex", "a regex route needs a `regex` pattern"));
+            }
+            None => None,
+        };
+        let backend = Backend::parse(raw.backend.get_ref()).map_err(|m| self.invalid(raw.backend.span(), "backend", m))?;
+        Ok(Route {
+            name,
+            protocol,
+            sni: raw.sni.map(|s| Glob::new(s.get_ref())),
+            alpn: raw.alpn.map(|a| a.into_inner().into_vec()).unwrap_or_default(),
+            host: raw.host.map(|h| Glob::new(h.get_ref())),
+            regex,
+            backend,
+        })
+    }
+}
+
+/// A listen address must name a port; the host may be a name, resolved at bind.
+pub fn check_listen(addr: &str) -> Result<(), String> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("`{addr}` is not host:port"))?;
+    port.parse::<u16>().map_err(|_| format!("`{addr}`: `{port}` is not a port number"))?;
+    if host.is_empty() {
+        return Err(format!("`{addr}`: missing host (use 0.0.0.0 or [::] for all addresses)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+listen = ["0.0.0.0:2222"]
+datapath = "auto"          # auto | ebpf | splice | copy
+classify_timeout = "2s"
+on_timeout = "ssh"         # a route name
+[[route]]
+name = "ssh"
+protocol = "ssh"
+backend = "127.0.0.1:22"
+[[route]]
+name = "site"
+protocol = "tls"
+sni = "*.example.com"
+backend = "127.0.0.1:8443"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = Config::parse(EXAMPLE, "x.toml").unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:2222"]);
+        assert_eq!(c.classify_timeout, Duration::from_secs(2));
+        assert_eq!(c.on_timeout, Some(0));
+        assert_eq!(c.router.routes().len(), 2);
+        assert_eq!(c.router.route(1).sni.as_ref().unwrap().as_str(), "*.example.com");
+    }
+
+    #[test]
+    fn the_embedded_default_is_the_gpu_box_layout() {
+        let c = Config::parse(DEFAULT_CONFIG, DEFAULT_CONFIG_NAME).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:2222"]);
+        let r: Vec<(&str, &str)> =
+            c.router.routes().iter().map(|r| (r.protocol.name(), r.backend.as_str())).collect();
+        assert_eq!(r, vec![("ssh", "127.0.0.1:22"), ("http", "127.0.0.1:30000")]);
+        assert_eq!(c.on_timeout, Some(0));
+    }
+
+    #[test]
+    fn unknown_keys_name_file_line_and_key() {
+        let e = err("listen = [\"127.0.0.1:1\"]\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\nbackends = 3\n");
+        assert!(e.starts_with("test.toml: "), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("backends"), "{e}");
+        let e = err("listen = [\"127.0.0.1:1\"]\ntimeout = 3\n");
+        assert!(e.contains("line 2") && e.contains("timeout"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_name_file_line_and_key() {
+        let cases = [
+            ("datapath = \"fast\"", "datapath", 2),
+            ("classify_timeout = \"2 fortnights\"", "classify_timeout", 2),
+            ("classify_timeout = 0", "classify_timeout", 2),
+            ("on_timeout = \"nope\"", "on_timeout", 2),
+        ];
+        for (line, key, n) in cases {
+            let text = format!("listen = [\"127.0.0.1:1\"]\n{line}\n[[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n");
+            let e = err(&text);
+            assert!(e.contains("test.toml") && e.contains(key), "{line}: {e}");
+            assert!(e.contains(&format!(":{n}:")) || e.contains(&format!("line {n}")), "{line}: {e}");
+        }
+        let route_cases = [
+            ("protocol = \"smtp\"\nbackend = \"127.0.0.1:25\"", "protocol", 4),
+            ("protocol = \"ssh\"\nbackend = \"127.0.0.1\"", "backend", 5),
+            ("protocol = \"ssh\"\nbackend = \"127.0.0.1:99999\"", "backend", 5),
+            ("protocol = \"ssh\"\nsni = \"a.com\"\nbackend = \"127.0.0.1:22\"", "sni", 5),
+            ("protocol = \"tls\"\nhost = \"a.com\"\nbackend = \"127.0.0.1:22\"", "host", 5),
+            ("protocol = \"regex\"\nregex = \"(\"\nbackend = \"127.0.0.1:22\"", "regex", 5),
+            ("protocol = \"regex\"\nbackend = \"127.0.0.1:22\"", "regex", 4),
+        ];
+        for (body, key, n) in route_cases {
+            let text = format!("listen = \"127.0.0.1:1\"\n\n[[route]]\n{body}\n");
+            let e = err(&text);
+            assert!(e.contains(&format!("test.toml:{n}: `{key}`")), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn whole_file_problems_are_explained() {
+        assert!(err("[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n").contains("`listen` is missing"));
+        assert!(err("listen = \"127.0.0.1:1\"\n").contains("no [[route]]"));
+        let dup = "listen = \"127.0.0.1:1\"\n[[route]]\nprotocol = \"tls\"\nbackend = \"127.0.0.1:1\"\n[[route]]\nprotocol = \"tls\"\nbackend = \"127.0.0.1:2\"\n";
+        let e = err(dup);
+        assert!(e.contains("test.toml:5: `name`") && e.contains("two routes are named `tls`"), "{e}");
+    }
+
+    #[test]
+    fn durations_accept_units_and_numbers() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+        let c = Config::parse(
+            "listen = \"127.0.0.1:1\"\nclassify_timeout = 0.25\n[[route]]\nprotocol = \"any\"\nbackend = \"127.0.0.1:1\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.classify_timeout, Duration::from_millis(250));
+        assert_eq!(c.on_timeout, None);
+    }
+
+    #[test]
+    fn alpn_takes_one_or_many() {
+        let c = Config::parse(
+            "listen = \"127.0.0.1:1\"\n[[route]]\nname=\"a\"\nprotocol = \"tls\"\nalpn = \"h2\"\nbackend = \"127.0.0.1:1\"\n[[route]]\nname=\"b\"\nprotocol = \"tls\"\nalpn = [\"h2\", \"http/1.1\"]\nbackend = \"127.0.0.1:1\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.router.route(0).alpn, vec!["h2"]);
+        assert_eq!(c.router.route(1).alpn, vec!["h2", "http/1.1"]);
+    }
+}

@@ -1,0 +1,242 @@
+//! One client connection: read its first bytes (bounded in time and size),
+//! pick a route, connect the backend, hand the prefix over, relay the rest.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout_at;
+
+use crate::classify::{Found, MAX_CLASSIFY_BYTES, Protocol};
+use crate::config::Config;
+use crate::datapath::{DataPath, Relayed};
+use crate::route::{Backend, Decision, Route};
+
+/// What every connection task shares.
+pub struct Shared {
+    pub config: Config,
+    pub datapath: DataPath,
+}
+
+/// How classification ended.
+enum Classified {
+    Route { index: usize, found: Option<Found> },
+    /// The client closed before sending a byte.
+    Gone,
+    /// Silent past the timeout, and no `on_timeout` route.
+    Silent,
+    /// Bytes that no route accepts.
+    NoMatch { why: &'static str },
+}
+
+/// Serves one accepted client to the end, logging one line about it.
+pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let mut prefix = vec![0u8; MAX_CLASSIFY_BYTES];
+    let classified = classify(&shared.config, &mut client, &mut prefix).await;
+    let (prefix, classified) = match classified {
+        Ok((len, c)) => {
+            prefix.truncate(len);
+            (prefix, c)
+        }
+        Err(e) => {
+            log::warn!("{peer}: read error before classification: {e}");
+            return;
+        }
+    };
+    let (index, found) = match classified {
+        Classified::Route { index, found } => (index, found),
+        Classified::Gone => {
+            log::debug!("{peer}: closed without sending anything");
+            return;
+        }
+        Classified::Silent => {
+            log::info!(
+                "{peer}: sent nothing for {:?} and no on_timeout route is set; closing",
+                shared.config.classify_timeout
+            );
+            return;
+        }
+        Classified::NoMatch { why } => {
+            log::warn!(
+                "{peer}: no route matches the first {} bytes ({why}): {}; closing",
+                prefix.len(),
+                preview(&prefix)
+            );
+            return;
+        }
+    };
+    let route = shared.config.router.route(index);
+    let protocol = match &found {
+        Some(f) => describe(f),
+        None => "silent".to_string(),
+    };
+
+    let mut backend = match connect(&route.backend, shared.config.connect_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!("{peer} {protocol}: route `{}`: backend {} failed: {e}; closing", route.name, route.backend);
+            if matches!(found, Some(Found::Http(_))) {
+                bad_gateway(&mut client, route, &e).await;
+            }
+            return;
+        }
+    };
+    // Interactive protocols (SSH keystrokes, token streams) must not wait for
+    // Nagle; bulk transfers are unaffected since they fill segments anyway.
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+
+    let mut relayed = Relayed::default();
+    match backend.write_all(&prefix).await {
+        Ok(()) => {
+            relayed = shared.datapath.relay(&client, &backend).await;
+            relayed.up += prefix.len() as u64;
+        }
+        Err(e) => relayed.error = Some(e),
+    }
+    let ended = match &relayed.error {
+        None => String::new(),
+        Some(e) => format!(" ended by: {e}"),
+    };
+    log::info!(
+        "{peer} {protocol} route={} backend={} up={} down={} {:.3}s datapath={}{ended}",
+        route.name,
+        route.backend,
+        relayed.up,
+        relayed.down,
+        started.elapsed().as_secs_f64(),
+        shared.datapath.name(),
+    );
+}
+
+/// Reads until the router decides, the client goes quiet past the timeout,
+/// closes, or fills the prefix buffer. Returns how many bytes were read.
+async fn classify(config: &Config, client: &mut TcpStream, buf: &mut [u8]) -> io::Result<(usize, Classified)> {
+    let deadline = tokio::time::Instant::now() + config.classify_timeout;
+    let mut len = 0;
+    loop {
+        let read = timeout_at(deadline, client.read(&mut buf[len..])).await;
+        let last = match read {
+            Err(_elapsed) if len == 0 => {
+                return Ok((0, match config.on_timeout {
+                    Some(index) => Classified::Route { index, found: None },
+                    None => Classified::Silent,
+                }));
+            }
+            Err(_elapsed) => true,
+            Ok(Ok(0)) if len == 0 => return Ok((0, Classified::Gone)),
+            Ok(Ok(0)) => true,
+            Ok(Ok(n)) => {
+                len += n;
+                len == buf.len()
+            }
+            Ok(Err(e)) => return Err(e),
+        };
+        match config.router.decide(&buf[..len], last) {
+            Decision::NeedMore => continue,
+            Decision::Route(index, found) => return Ok((len, Classified::Route { index, found: Some(found) })),
+            Decision::NoMatch => {
+                let why = if !last {
+                    "no probe fits"
+                } else if len == buf.len() {
+                    "prefix limit reached"
+                } else {
+                    "client stopped sending before a decision"
+                };
+                return Ok((len, Classified::NoMatch { why }));
+            }
+        }
+    }
+}
+
+/// Resolves the backend now (names may move) and tries each address in turn.
+async fn connect(backend: &Backend, limit: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        let mut last_error = None;
+        for addr in tokio::net::lookup_host(backend.as_str()).await? {
+            match TcpStream::connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")))
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {limit:?}"))),
+    }
+}
+
+/// An HTTP client gets told why, in one line, instead of a bare close.
+async fn bad_gateway(client: &mut TcpStream, route: &Route, error: &io::Error) {
+    let body = format!("mux: route {}: backend {} is unavailable ({})\n", route.name, route.backend, error.kind());
+    let response = format!(
+        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.write_all(response.as_bytes()).await;
+    let _ = client.shutdown().await;
+    // Let the response reach the client before the socket closes: closing
+    // with unread request bytes would send a reset that can overtake it.
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// The protocol and what was found, for the connection's log line.
+fn describe(found: &Found) -> String {
+    match found {
+        Found::Tls(tls) => {
+            let mut s = String::from("tls");
+            if let Some(sni) = &tls.sni {
+                s.push_str(&format!(" sni={sni}"));
+            }
+            if !tls.alpn.is_empty() {
+                s.push_str(&format!(" alpn={}", tls.alpn.join(",")));
+            }
+            s
+        }
+        Found::Http(http) => format!(
+            "http {} {} host={}",
+            http.method,
+            truncate(&http.path, 80),
+            http.host.as_deref().unwrap_or("-")
+        ),
+        Found::Ssh => Protocol::Ssh.name().into(),
+        Found::H2c => Protocol::H2c.name().into(),
+        Found::Socks5 => Protocol::Socks5.name().into(),
+        Found::Openvpn => Protocol::Openvpn.name().into(),
+        Found::Regex => Protocol::Regex.name().into(),
+        Found::Any => Protocol::Any.name().into(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The first bytes of an unmatched prefix, printable and bounded, for the log.
+fn preview(bytes: &[u8]) -> String {
+    let shown: String = bytes.iter().take(32).flat_map(|&b| std::ascii::escape_default(b)).map(char::from).collect();
+    if bytes.len() > 32 { format!("\"{shown}\"...") } else { format!("\"{shown}\"") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_escapes_and_bounds() {
+        assert_eq!(preview(b"ab\x00\n"), "\"ab\\x00\\n\"");
+        assert!(preview(&[b'x'; 100]).ends_with("\"..."));
+    }
+}

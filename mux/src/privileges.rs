@@ -1,0 +1,93 @@
+//! Process set-up around the server: dropping root for `--user`, the pid file,
+//! and the open-file limit.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("--user {0}: no such user")]
+    NoSuchUser(String),
+    #[error("--user {user}: {step} failed: {source}")]
+    Switch { user: String, step: &'static str, source: io::Error },
+    #[error("--pidfile {path}: {source}")]
+    Pidfile { path: PathBuf, source: io::Error },
+}
+
+/// Switches the whole process (every thread: glibc's set*id broadcast to
+/// them) to `user` and its primary group, dropping supplementary groups.
+pub fn drop_to_user(user: &str) -> Result<(), PrivilegeError> {
+    let (uid, gid) = lookup_user(user)?;
+    let fail = |step, source| PrivilegeError::Switch { user: user.to_string(), step, source };
+    // Order matters: groups and gid can only be changed while still root.
+    // SAFETY: plain syscalls wrappers with valid arguments.
+    unsafe {
+        if libc::setgroups(1, &gid) != 0 {
+            return Err(fail("setgroups", io::Error::last_os_error()));
+        }
+        if libc::setgid(gid) != 0 {
+            return Err(fail("setgid", io::Error::last_os_error()));
+        }
+        if libc::setuid(uid) != 0 {
+            return Err(fail("setuid", io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+fn lookup_user(user: &str) -> Result<(libc::uid_t, libc::gid_t), PrivilegeError> {
+    let name = CString::new(user).map_err(|_| PrivilegeError::NoSuchUser(user.to_string()))?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; getpwnam_r writes strings
+    // into `buf`, which outlives our use of `pwd`.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return Err(PrivilegeError::NoSuchUser(user.to_string()));
+    }
+    debug_assert!(!unsafe { CStr::from_ptr(pwd.pw_name) }.to_bytes().is_empty());
+    Ok((pwd.pw_uid, pwd.pw_gid))
+}
+
+/// A pid file that removes itself when dropped (best effort: after dropping
+/// root the directory may no longer be writable, as with sslh).
+pub struct Pidfile {
+    path: PathBuf,
+}
+
+impl Pidfile {
+    pub fn create(path: &Path) -> Result<Pidfile, PrivilegeError> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|source| PrivilegeError::Pidfile { path: path.to_path_buf(), source })?;
+        Ok(Pidfile { path: path.to_path_buf() })
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Each relayed pair holds two sockets and up to four pipe ends: the usual
+/// soft limit of 1024 would cap mux at ~170 connections. Raise the soft limit
+/// to the hard one, which needs no privilege.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur)
+}

@@ -1,0 +1,569 @@
+//! Test harness shared by the integration tests: the real mux binary on an
+//! ephemeral loopback port, in-process backends, real peers (sshd, openssl).
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// True under CI, where nothing may be skipped.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Whether a test that needs `what` can run. Under CI a missing requirement
+/// fails the test: the suite must exercise everything there.
+pub fn can_run(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    if in_ci() {
+        panic!("{what} is required under CI=true (cargo xtask test installs it)");
+    }
+    eprintln!("SKIPPED: {what} is not available on this machine");
+    false
+}
+
+pub fn have_tool(name: &str) -> bool {
+    let dirs = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&dirs)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(name).is_file())
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A per-test scratch directory, removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mux-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, text).expect("write scratch file");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The mux binary under test, running until dropped.
+pub struct Mux {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    _scratch: Option<Scratch>,
+}
+
+pub fn mux_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mux")
+}
+
+impl Mux {
+    /// Runs mux on `config` (TOML). Its `listen` should be 127.0.0.1:0.
+    pub fn with_config(config: &str) -> Result<Mux> {
+        let scratch = Scratch::new("mux");
+        let path = scratch.write("mux.toml", config);
+        let mut mux = Mux::with_args(&["--config", path.to_str().unwrap()])?;
+        mux._scratch = Some(scratch);
+        Ok(mux)
+    }
+
+    /// Runs mux with these arguments and waits until it listens.
+    pub fn with_args(args: &[&str]) -> Result<Mux> {
+        Mux::spawn(Command::new(mux_bin()).args(args))
+    }
+
+    pub fn spawn(command: &mut Command) -> Result<Mux> {
+        let mut child = command
+            .env("RUST_LOG", "info,mux=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning mux")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("MUX_TEST_ECHO").is_some() {
+                    eprintln!("mux| {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut mux = Mux { child, addr: "0.0.0.0:0".parse().unwrap(), logs, _scratch: None };
+        let line = mux.wait_log("listening on ", Duration::from_secs(10)).map_err(|e| {
+            let _ = mux.child.kill();
+            e
+        })?;
+        let addr = line.rsplit("listening on ").next().unwrap().trim();
+        mux.addr = addr.parse().with_context(|| format!("parsing `{addr}`"))?;
+        Ok(mux)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return Ok(line.clone());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("mux exited ({status}) before logging `{needle}`; log:\n{}", self.logs().join("\n"));
+            }
+            if start.elapsed() > limit {
+                bail!("no log line with `{needle}` within {limit:?}; log:\n{}", self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like `wait_log`, for async tests (polls without blocking the runtime).
+    pub async fn wait_log_async(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            match self.wait_log(needle, Duration::ZERO) {
+                Ok(line) => return Ok(line),
+                Err(e) if start.elapsed() > limit => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; returns the exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).context("pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("mux did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TOML config listening on an ephemeral loopback port, with these routes.
+pub fn config(extra: &str, routes: &[(&str, &str, SocketAddr)]) -> String {
+    let mut s = format!("listen = [\"127.0.0.1:0\"]\n{extra}\n");
+    for (name, protocol, backend) in routes {
+        s.push_str(&format!("[[route]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\nbackend = \"{backend}\"\n"));
+    }
+    s
+}
+
+/// A loopback listener whose connections are served by `handler`.
+pub async fn backend<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(handler(s));
+        }
+    });
+    addr
+}
+
+/// Echoes everything, then closes when the client does.
+pub async fn echo_backend() -> SocketAddr {
+    backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// Says its name first (like an SSH server's banner), then echoes.
+pub async fn banner_backend(name: &'static str) -> SocketAddr {
+    backend(move |mut s| async move {
+        let _ = s.write_all(format!("{name}\n").as_bytes()).await;
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// An HTTP/1.x backend answering every request with `<name> <path>`.
+pub async fn http_backend(name: &'static str) -> SocketAddr {
+    backend(move |mut s| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end + 4);
+            let path = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+            let body = format!("{name} {path}\n");
+            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            if s.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// Records the sha256 and length of everything it receives, sends `send`
+/// bytes of a deterministic stream meanwhile, and closes its write side when
+/// both are done. Results arrive on the returned channel.
+pub async fn hashing_backend(send: u64, seed: u64) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u64, String)>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = backend(move |s| {
+        let tx = tx.clone();
+        async move {
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                let sent = write_stream(&mut w, send, seed, false).await;
+                let _ = w.shutdown().await;
+                sent
+            });
+            let got = read_hash(&mut r).await;
+            let _ = writer.await;
+            let _ = tx.send(got);
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+/// A fast deterministic byte stream (xorshift), the same for a given seed.
+pub struct Stream {
+    state: u64,
+}
+
+impl Stream {
+    pub fn new(seed: u64) -> Stream {
+        Stream { state: seed | 1 }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.state;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.state = x;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b) % n
+    }
+}
+
+/// sha256 of `len` bytes of `Stream::new(seed)` written in the same sized
+/// pieces as `write_stream`.
+pub fn stream_sha256(len: u64, seed: u64) -> String {
+    let mut s = Stream::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    hex(&h.finalize())
+}
+
+/// Writes `len` bytes of `Stream::new(seed)`; with `jitter`, in random sizes
+/// with occasional pauses. Returns bytes written (less on error).
+pub async fn write_stream<W: AsyncWriteExt + Unpin>(w: &mut W, len: u64, seed: u64, jitter: bool) -> u64 {
+    let mut s = Stream::new(seed);
+    let mut rng = Stream::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        let n = (len - sent).min(buf.len() as u64) as usize;
+        s.fill(&mut buf[..n]);
+        let mut piece = &buf[..n];
+        while !piece.is_empty() {
+            let k = if jitter { 1 + rng.below(piece.len() as u64) as usize } else { piece.len() };
+            if w.write_all(&piece[..k]).await.is_err() {
+                return sent;
+            }
+            sent += k as u64;
+            piece = &piece[k..];
+            if jitter && rng.below(64) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    sent
+}
+
+/// Reads to EOF; returns (length, sha256).
+pub async fn read_hash<R: AsyncReadExt + Unpin>(r: &mut R) -> (u64, String) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n as u64;
+            }
+        }
+    }
+    (total, hex(&h.finalize()))
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Connects, writes `request`, optionally half-closes, reads to EOF (bounded).
+pub async fn exchange(addr: SocketAddr, request: &[u8], half_close: bool) -> Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    if half_close {
+        s.shutdown().await?;
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
+    Ok(out)
+}
+
+/// Runs a command to completion with a time limit; returns (status, stdout, stderr).
+pub fn run(cmd: &mut Command, limit: Duration) -> Result<(std::process::ExitStatus, String, String)> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let start = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait()? {
+            let out = child.wait_with_output()?;
+            return Ok((
+                out.status,
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "{cmd:?} did not finish within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A background process killed on drop (sshd, openssl s_server ...).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port that was free a moment ago, for peers that cannot report the port
+/// they bound (sshd). The race is tolerated by retrying their start.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts on `addr`.
+pub fn wait_listening(addr: SocketAddr, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A real OpenSSH server on loopback with a fresh host key, accepting one
+/// freshly generated client key for root.
+pub struct Sshd {
+    _proc: Proc,
+    pub addr: SocketAddr,
+    pub client_key: PathBuf,
+    _scratch: Scratch,
+}
+
+impl Sshd {
+    pub fn start() -> Result<Sshd> {
+        let scratch = Scratch::new("sshd");
+        let host_key = scratch.path("host_ed25519");
+        let client_key = scratch.path("client_ed25519");
+        for key in [&host_key, &client_key] {
+            let (st, _, err) = run(
+                Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(key),
+                Duration::from_secs(10),
+            )?;
+            anyhow::ensure!(st.success(), "ssh-keygen: {err}");
+        }
+        let authorized = scratch.path("authorized_keys");
+        std::fs::copy(client_key.with_extension("pub"), &authorized)?;
+        // sshd's privilege separation directory; Debian creates it at boot.
+        std::fs::create_dir_all("/run/sshd")?;
+        for _attempt in 0..5 {
+            let port = free_port();
+            let config = scratch.write(
+                "sshd_config",
+                &format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
+                    host_key.display(),
+                    authorized.display()
+                ),
+            );
+            let child = Command::new(sshd_path())
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawning sshd")?;
+            let proc = Proc(child);
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            if wait_listening(addr, Duration::from_secs(5)) {
+                return Ok(Sshd { _proc: proc, addr, client_key, _scratch: scratch });
+            }
+        }
+        bail!("sshd did not start")
+    }
+
+    /// `ssh` arguments that log in as root with the test key, host key unchecked.
+    pub fn ssh_args(&self, port: u16) -> Vec<String> {
+        [
+            "-i", self.client_key.to_str().unwrap(),
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=10",
+            "-p", &port.to_string(),
+            "root@127.0.0.1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+pub fn sshd_path() -> &'static str {
+    "/usr/sbin/sshd"
+}
+
+/// A self-signed certificate and key for `cn`, written into `dir`.
+pub fn certificate(dir: &Scratch, cn: &str) -> Result<(PathBuf, PathBuf)> {
+    let cert = dir.path(&format!("{cn}.crt"));
+    let key = dir.path(&format!("{cn}.key"));
+    let (st, _, err) = run(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .arg("-subj")
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        Duration::from_secs(20),
+    )?;
+    anyhow::ensure!(st.success(), "openssl req: {err}");
+    Ok((cert, key))
+}
+
+/// `openssl s_server -www` on an ephemeral port with this certificate.
+pub fn tls_server(cert: &Path, key: &Path) -> Result<(Proc, SocketAddr)> {
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-accept", "127.0.0.1:0", "-www", "-cert"])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("ACCEPT ") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(10)).context("s_server did not report its port")?;
+    Ok((proc, addr.parse()?))
+}
