@@ -1,0 +1,254 @@
+//! `cargo xtask test`: the whole test suite, as CI runs it, in phases that all run even when
+//! an earlier one fails, then a summary.
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::setup::{self, Purpose};
+use crate::util::{run, run_tee, say, secs, workspace};
+
+/// How long libFuzzer gets in the fuzz phase.
+const FUZZ_SECONDS: u32 = 30;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip the fuzz phase, for quick local iteration (CI runs everything)
+    #[arg(long, visible_alias = "quick")]
+    no_fuzz: bool,
+    /// Handed to the test binaries of the cargo test phases, e.g. a test name filter
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    test_args: Vec<String>,
+}
+
+struct Phase {
+    name: &'static str,
+    what: &'static str,
+    /// Err: why the phase cannot run; it then counts as failed.
+    cmd: Result<Command, String>,
+    /// Parse libtest's `test result:` lines from its stdout.
+    counts_tests: bool,
+}
+
+enum Outcome {
+    Passed,
+    Failed,
+    Skipped,
+}
+
+pub fn test(args: &Args) -> Result<ExitCode> {
+    setup::ensure(Purpose::Test)?;
+    let ws = workspace()?;
+
+    let cargo = || {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&ws.root);
+        cmd
+    };
+    let mut workspace_tests = cargo();
+    // The privileged tests need root and a kernel to load programs into, and must not run
+    // concurrently with each other: they get their own serial phase below.
+    workspace_tests
+        .args(["test", "--release", "--", "--skip", "privileged::"])
+        .args(&args.test_args);
+    let mut privileged = cargo();
+    privileged
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "mux",
+            "--test",
+            "privileged",
+            "--",
+        ])
+        .arg("--test-threads=1")
+        .args(&args.test_args);
+
+    let mut phases = vec![
+        Phase {
+            name: "workspace",
+            what: "unit and integration tests, but the privileged ones",
+            cmd: Ok(workspace_tests),
+            counts_tests: true,
+        },
+        Phase {
+            name: "privileged",
+            what: "tests that need root and the kernel, one at a time",
+            cmd: Ok(privileged),
+            counts_tests: true,
+        },
+    ];
+    if !args.no_fuzz {
+        phases.push(Phase {
+            name: "fuzz",
+            what: "libFuzzer on the classifiers",
+            cmd: fuzz_command(&ws.root),
+            counts_tests: false,
+        });
+    }
+
+    let total = phases.len();
+    let mut counts = Counts::default();
+    let mut results = Vec::new();
+    for (i, mut phase) in phases.into_iter().enumerate() {
+        say(
+            "test",
+            format!(
+                "==== phase {}/{total}: {} ({})",
+                i + 1,
+                phase.name,
+                phase.what
+            ),
+        );
+        let start = Instant::now();
+        let result = match &mut phase.cmd {
+            Err(why) => Err(anyhow::anyhow!("{why}")),
+            Ok(cmd) if phase.counts_tests => {
+                let mut on_line = |line: &str| counts.add(parse_test_result(line));
+                run_tee("test", cmd, Some(&mut on_line))
+            }
+            Ok(cmd) => run("test", cmd),
+        };
+        let outcome = match result {
+            Ok(_) => Outcome::Passed,
+            Err(e) => {
+                say("test", format!("{}: {e:#}", phase.name));
+                Outcome::Failed
+            }
+        };
+        let took = start.elapsed();
+        say(
+            "test",
+            format!(
+                "==== phase {}/{total}: {} {} ({})",
+                i + 1,
+                phase.name,
+                word(&outcome),
+                secs(took)
+            ),
+        );
+        results.push((phase.name, outcome, took));
+    }
+    if args.no_fuzz {
+        results.push(("fuzz", Outcome::Skipped, Duration::ZERO));
+    }
+
+    println!();
+    say("test", "summary");
+    println!("    {:<12} {:<8} {:>9}", "phase", "result", "time");
+    for (name, outcome, took) in &results {
+        let time = if matches!(outcome, Outcome::Skipped) {
+            "-".into()
+        } else {
+            secs(*took)
+        };
+        println!("    {name:<12} {:<8} {time:>9}", word(outcome));
+    }
+    // A plain closing line that counts the tests of all phases, for people and for CI logs.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    let failed = results.iter().any(|(_, o, _)| matches!(o, Outcome::Failed));
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn word(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Passed => "passed",
+        Outcome::Failed => "FAILED",
+        Outcome::Skipped => "skipped",
+    }
+}
+
+fn fuzz_command(root: &std::path::Path) -> Result<Command, String> {
+    let crate_dir = root.join("mux");
+    if !crate_dir.join("fuzz").is_dir() {
+        return Err(format!(
+            "{} does not exist: the fuzz targets (cargo-fuzz crate with a `classify` target) are missing",
+            crate_dir.join("fuzz").display()
+        ));
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(crate_dir)
+        // The fuzz targets need only the user-space classifiers, and cargo-fuzz's RUSTFLAGS
+        // (sanitizer, coverage) would leak into aya-build's nested build for the bpf target.
+        .env("AYA_BUILD_SKIP", "1")
+        .args(["+nightly", "fuzz", "run", "classify", "--"])
+        .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+        .arg("-rss_limit_mb=4096");
+    Ok(cmd)
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Option<Counts>) {
+        if let Some(o) = other {
+            self.passed += o.passed;
+            self.failed += o.failed;
+            self.ignored += o.ignored;
+        }
+    }
+}
+
+/// Reads libtest's closing line of one test binary, e.g.
+/// `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s`.
+fn parse_test_result(line: &str) -> Option<Counts> {
+    let (_, fields) = line
+        .trim()
+        .strip_prefix("test result: ")?
+        .split_once(". ")?;
+    let mut counts = Counts::default();
+    for field in fields.split("; ") {
+        let (n, what) = field.split_once(' ')?;
+        let slot = match what {
+            "passed" => &mut counts.passed,
+            "failed" => &mut counts.failed,
+            "ignored" => &mut counts.ignored,
+            _ => continue,
+        };
+        *slot = n.parse().ok()?;
+    }
+    Some(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_result_lines() {
+        let ok = "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 2 filtered out; finished in 0.01s";
+        assert_eq!(
+            parse_test_result(ok),
+            Some(Counts {
+                passed: 3,
+                failed: 0,
+                ignored: 1
+            })
+        );
+        let bad = "test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.20s";
+        assert_eq!(
+            parse_test_result(bad),
+            Some(Counts {
+                passed: 5,
+                failed: 2,
+                ignored: 0
+            })
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+        assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+}
