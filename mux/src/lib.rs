@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod datapath;
+pub mod ebpf;
 pub mod privileges;
 pub mod route;
 pub mod server;

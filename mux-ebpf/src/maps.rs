@@ -1,0 +1,98 @@
+//! The maps shared by mux's kernel programs and user space.
+//!
+//! Names and sizes come from mux-common so that user space opens the same
+//! maps by the same names; a static's name is its map name.
+
+use core::{cell::UnsafeCell, ffi::c_void, marker::PhantomData};
+
+use aya_ebpf::{
+    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_ops},
+    cty::c_long,
+    helpers::bpf_sock_hash_update,
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use mux_common::{
+    Capture, Endpoint, MAP_CAPTURE_SIZE, MAP_SOCKS_SIZE, MAP_SOCKS_VALUE_SIZE, MAP_STATS_SIZE,
+};
+
+/// mux's outgoing sockets, by local endpoint, published by user space before
+/// it connects to a backend. The sock_ops program looks the backend's peer
+/// up here: a hit means "this accepted socket is the other end of mux's
+/// connection", a miss means "not ours, do not touch".
+#[map]
+pub static MUX_CAPTURE: HashMap<Endpoint, Capture> = HashMap::with_max_entries(MAP_CAPTURE_SIZE, 0);
+
+/// The sockets whose traffic the kernel moves, under the keys chosen by user
+/// space (`Capture::backend_key`, `Capture::client_key`). The kernel drops a
+/// socket from this map by itself when the socket closes.
+#[map]
+pub static MUX_SOCKS: CookieSockHash<u64> = CookieSockHash::with_max_entries(MAP_SOCKS_SIZE);
+
+/// Counters, indexed by `mux_common::STAT_*`. Per-CPU, so a plain add is
+/// race-free without atomics.
+#[map]
+pub static MUX_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP_STATS_SIZE, 0);
+
+/// Adds one to counter `index` (a `STAT_*` constant).
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(counter) = MUX_STATS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup,
+        // valid for this CPU for the program's run; no one else writes it.
+        unsafe { *counter = (*counter).wrapping_add(1) };
+    }
+}
+
+/// A `BPF_MAP_TYPE_SOCKHASH` with 8-byte values.
+///
+/// aya-ebpf's `SockHash` declares 4-byte values, and for those the kernel
+/// refuses every lookup from user space with ENOSPC, present key or not
+/// (it checks the value size before the key), so user space could not tell
+/// whether a socket is in the map short of walking all keys. With 8-byte
+/// values a lookup returns the socket's cookie, or ENOENT. Programs see no
+/// difference: the sockhash helpers ignore the value size.
+#[repr(transparent)]
+pub struct CookieSockHash<K> {
+    def: UnsafeCell<bpf_map_def>,
+    _key: PhantomData<K>,
+}
+
+// SAFETY: the definition is only read, by the loader (which rewrites the
+// map references to the created map's fd); the program never touches it.
+unsafe impl<K> Sync for CookieSockHash<K> {}
+
+impl<K> CookieSockHash<K> {
+    pub const fn with_max_entries(max_entries: u32) -> Self {
+        Self {
+            def: UnsafeCell::new(bpf_map_def {
+                type_: BPF_MAP_TYPE_SOCKHASH,
+                key_size: size_of::<K>() as u32,
+                value_size: MAP_SOCKS_VALUE_SIZE,
+                max_entries,
+                map_flags: 0,
+                id: 0,
+                pinning: 0,
+            }),
+            _key: PhantomData,
+        }
+    }
+
+    /// The map pointer the sockhash helpers take (`bpf_msg_redirect_hash`,
+    /// `bpf_sk_redirect_hash`, ...).
+    #[inline(always)]
+    pub const fn as_ptr(&self) -> *mut c_void {
+        self.def.get().cast()
+    }
+
+    /// Inserts the socket of a sock_ops context under `key`
+    /// (`bpf_sock_hash_update`); `Err` holds the helper's negative errno.
+    #[inline(always)]
+    pub fn update(&self, mut key: K, ops: *mut bpf_sock_ops, flags: u64) -> Result<(), c_long> {
+        // SAFETY: `ops` is the program's context, the map pointer is this
+        // map's definition (relocated by the loader), and the key lives on
+        // the stack for the call, as the helper requires.
+        let ret = unsafe { bpf_sock_hash_update(ops, self.as_ptr(), (&raw mut key).cast(), flags) };
+        if ret == 0 { Ok(()) } else { Err(ret) }
+    }
+}
