@@ -116,7 +116,10 @@ pub enum CliError {
 }
 
 fn flag_error(flag: &str, message: impl Into<String>) -> CliError {
-    CliError::Flag { flag: flag.to_string(), message: message.into() }
+    CliError::Flag {
+        flag: flag.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Parses the process's arguments. Kept apart from clap's derive output
@@ -171,13 +174,20 @@ impl RunArgs {
             let routes = config.router.routes();
             let index = routes.iter().position(|r| r.name == *name).ok_or_else(|| {
                 let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
-                flag_error("--on-timeout", format!("no route named `{name}` (routes: {})", names.join(", ")))
+                flag_error(
+                    "--on-timeout",
+                    format!("no route named `{name}` (routes: {})", names.join(", ")),
+                )
             })?;
             config.on_timeout = Some(index);
         }
         if let Some(kind) = &self.datapath {
-            config.datapath = DataPathKind::parse(kind)
-                .ok_or_else(|| flag_error("--datapath", format!("`{kind}` is not one of auto, ebpf, splice, copy")))?;
+            config.datapath = DataPathKind::parse(kind).ok_or_else(|| {
+                flag_error(
+                    "--datapath",
+                    format!("`{kind}` is not one of auto, ebpf, splice, copy"),
+                )
+            })?;
         }
         Ok(config)
     }
@@ -207,14 +217,25 @@ impl RunArgs {
     /// The sslh protocol flags given, in command-line order, anyprot last
     /// (it matches everything, so anything after it could never be reached).
     fn sslh_protocols(&self, matches: &ArgMatches) -> Vec<(&'static str, Protocol, &str)> {
-        let values = [&self.ssh, &self.tls, &self.http, &self.openvpn, &self.socks5, &self.anyprot];
+        let values = [
+            &self.ssh,
+            &self.tls,
+            &self.http,
+            &self.openvpn,
+            &self.socks5,
+            &self.anyprot,
+        ];
         let mut given: Vec<(usize, &'static str, Protocol, &str)> = SSLH_PROTOCOLS
             .iter()
             .zip(values)
             .filter_map(|(&(id, protocol), value)| {
                 let value = value.as_deref()?;
                 let position = matches.index_of(id).unwrap_or(usize::MAX);
-                let position = if protocol == Protocol::Any { usize::MAX } else { position };
+                let position = if protocol == Protocol::Any {
+                    usize::MAX
+                } else {
+                    position
+                };
                 Some((position, id, protocol, value))
             })
             .collect();
@@ -227,7 +248,10 @@ impl RunArgs {
     /// ssh if given, else to the first protocol.
     fn sslh_config(&self, protocols: &[(&str, Protocol, &str)]) -> Result<Config, CliError> {
         if self.listen.is_empty() {
-            return Err(flag_error("--listen", "no listening address: add e.g. --listen 0.0.0.0:443"));
+            return Err(flag_error(
+                "--listen",
+                "no listening address: add e.g. --listen 0.0.0.0:443",
+            ));
         }
         let mut routes = Vec::new();
         for &(name, protocol, addr) in protocols {
@@ -238,7 +262,10 @@ impl RunArgs {
             let first = routes[0].backend.clone();
             routes.push(Route::new("unmatched", Protocol::Any, first));
         }
-        let on_timeout = routes.iter().position(|r| r.protocol == Protocol::Ssh).or(Some(0));
+        let on_timeout = routes
+            .iter()
+            .position(|r| r.protocol == Protocol::Ssh)
+            .or(Some(0));
         Ok(Config {
             listen: self.listen.clone(),
             datapath: DataPathKind::Auto,
@@ -270,8 +297,17 @@ mod tests {
     #[test]
     fn the_debian_sslh_default_line_parses() {
         let c = config(&[
-            "--foreground", "--user", "sslh", "--listen", "0.0.0.0:443", "--ssh", "127.0.0.1:22",
-            "--ssl", "127.0.0.1:443", "--pidfile", "/var/run/sslh/sslh.pid",
+            "--foreground",
+            "--user",
+            "sslh",
+            "--listen",
+            "0.0.0.0:443",
+            "--ssh",
+            "127.0.0.1:22",
+            "--ssl",
+            "127.0.0.1:443",
+            "--pidfile",
+            "/var/run/sslh/sslh.pid",
         ])
         .unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:443"]);
@@ -289,8 +325,22 @@ mod tests {
     #[test]
     fn sslh_flags_keep_command_line_order_with_anyprot_last() {
         let c = config(&[
-            "-p", "127.0.0.1:1", "-p", "[::1]:1", "--anyprot", "127.0.0.1:9", "--http", "127.0.0.1:80",
-            "--ssh", "127.0.0.1:22", "-t", "5", "--on-timeout", "http", "-v", "-n",
+            "-p",
+            "127.0.0.1:1",
+            "-p",
+            "[::1]:1",
+            "--anyprot",
+            "127.0.0.1:9",
+            "--http",
+            "127.0.0.1:80",
+            "--ssh",
+            "127.0.0.1:22",
+            "-t",
+            "5",
+            "--on-timeout",
+            "http",
+            "-v",
+            "-n",
         ])
         .unwrap();
         let names: Vec<String> = table(&c).into_iter().map(|(n, ..)| n).collect();
@@ -305,7 +355,15 @@ mod tests {
         let c = config(&[]).unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:2222"]);
         assert_eq!(c.router.routes().len(), 2);
-        let c = config(&["--listen", "127.0.0.1:0", "--datapath", "copy", "--timeout", "250ms"]).unwrap();
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--datapath",
+            "copy",
+            "--timeout",
+            "250ms",
+        ])
+        .unwrap();
         assert_eq!(c.listen, vec!["127.0.0.1:0"]);
         assert_eq!(c.datapath, DataPathKind::Copy);
         assert_eq!(c.classify_timeout, Duration::from_millis(250));
@@ -316,7 +374,10 @@ mod tests {
         let msg = |args: &[&str]| config(args).unwrap_err().to_string();
         assert!(msg(&["--ssh", "127.0.0.1:22"]).starts_with("--listen:"));
         assert!(msg(&["-p", "0.0.0.0:1", "--ssh", "localhost"]).starts_with("--ssh:"));
-        assert!(msg(&["-p", "0.0.0.0:1", "--ssh", "a:1", "--on-timeout", "tls"]).starts_with("--on-timeout:"));
+        assert!(
+            msg(&["-p", "0.0.0.0:1", "--ssh", "a:1", "--on-timeout", "tls"])
+                .starts_with("--on-timeout:")
+        );
         assert!(msg(&["--datapath", "warp"]).starts_with("--datapath:"));
         assert!(msg(&["--timeout", "0"]).starts_with("--timeout:"));
         assert!(msg(&["--listen", "2222"]).starts_with("--listen:"));
@@ -327,9 +388,22 @@ mod tests {
 
     #[test]
     fn check_takes_the_same_arguments() {
-        let (cli, matches) = parse_from(["mux", "check", "-p", "127.0.0.1:1", "--http", "127.0.0.1:2", "--ssh", "127.0.0.1:3"]);
-        let Some(Command::Check(args)) = cli.command else { panic!("expected check") };
-        let c = args.config(matches.subcommand_matches("check").unwrap()).unwrap();
+        let (cli, matches) = parse_from([
+            "mux",
+            "check",
+            "-p",
+            "127.0.0.1:1",
+            "--http",
+            "127.0.0.1:2",
+            "--ssh",
+            "127.0.0.1:3",
+        ]);
+        let Some(Command::Check(args)) = cli.command else {
+            panic!("expected check")
+        };
+        let c = args
+            .config(matches.subcommand_matches("check").unwrap())
+            .unwrap();
         let names: Vec<String> = table(&c).into_iter().map(|(n, ..)| n).collect();
         assert_eq!(names, vec!["http", "ssh", "unmatched"]);
     }

@@ -67,9 +67,19 @@ impl Config {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         let routes = self.router.routes();
-        let w_name = routes.iter().map(|r| r.name.len()).max().unwrap_or(0).max(5);
+        let w_name = routes
+            .iter()
+            .map(|r| r.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(5);
         let w_proto = 8;
-        let w_cond = routes.iter().map(|r| r.conditions().len()).max().unwrap_or(0).max(10);
+        let w_cond = routes
+            .iter()
+            .map(|r| r.conditions().len())
+            .max()
+            .unwrap_or(0)
+            .max(10);
         out.push_str(&format!(
             "{:<3} {:<w_name$} {:<w_proto$} {:<w_cond$} backend\n",
             "#", "route", "protocol", "conditions"
@@ -84,13 +94,22 @@ impl Config {
                 r.backend
             ));
         }
-        let timeout_route = self.on_timeout.map_or("close the connection", |i| &routes[i].name);
-        out.push_str(&format!("silent for {:?}: {timeout_route}", self.classify_timeout));
+        let timeout_route = self
+            .on_timeout
+            .map_or("close the connection", |i| &routes[i].name);
+        out.push_str(&format!(
+            "silent for {:?}: {timeout_route}",
+            self.classify_timeout
+        ));
         if !routes.iter().any(|r| r.protocol == Protocol::Any) {
             out.push_str("; matching no route: close the connection");
         }
         out.push('\n');
-        out.push_str(&format!("listen: {}; datapath: {}\n", self.listen.join(", "), self.datapath.name()));
+        out.push_str(&format!(
+            "listen: {}; datapath: {}\n",
+            self.listen.join(", "),
+            self.datapath.name()
+        ));
         out
     }
 }
@@ -99,12 +118,20 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {file}: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     /// toml's message already shows the line, column and offending key.
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     #[error("{file}:{line}: `{key}`: {message}")]
-    Invalid { file: String, line: usize, key: String, message: String },
+    Invalid {
+        file: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
     /// A problem with the configuration as a whole (no line to point at).
     #[error("{file}: {message}")]
     Whole { file: String, message: String },
@@ -113,8 +140,10 @@ pub enum ConfigError {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
         Config::parse(&text, &file)
     }
 
@@ -146,7 +175,9 @@ impl<'de> Deserialize<'de> for DurationValue {
                     .map_err(|_| E::custom("a duration cannot be negative"))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DurationValue, E> {
-                Duration::try_from_secs_f64(v).map(DurationValue).map_err(E::custom)
+                Duration::try_from_secs_f64(v)
+                    .map(DurationValue)
+                    .map_err(E::custom)
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationValue, E> {
                 parse_duration(v).map(DurationValue).map_err(E::custom)
@@ -159,7 +190,9 @@ impl<'de> Deserialize<'de> for DurationValue {
 /// Parses `"2s"`, `"500ms"`, `"1.5s"`, `"2m"`, `"1h"` or `"3"` (seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
     let value: f64 = number
         .parse()
@@ -169,7 +202,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => 0.001,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m or h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{s}`: {e}"))
 }
@@ -223,7 +260,11 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn line(&self, span: Range<usize>) -> usize {
         let end = span.start.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     fn invalid(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
@@ -236,34 +277,52 @@ impl Validator<'_> {
     }
 
     fn whole(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError::Whole { file: self.file.to_string(), message: message.into() }
+        ConfigError::Whole {
+            file: self.file.to_string(),
+            message: message.into(),
+        }
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let listen = match raw.listen {
-            None => return Err(self.whole("`listen` is missing: say where to accept, e.g. listen = [\"0.0.0.0:2222\"]")),
-            Some(l) => {
-                let span = l.span();
-                let addrs = l.into_inner().into_vec();
-                if addrs.is_empty() {
-                    return Err(self.invalid(span, "listen", "needs at least one address"));
+        let listen =
+            match raw.listen {
+                None => return Err(self.whole(
+                    "`listen` is missing: say where to accept, e.g. listen = [\"0.0.0.0:2222\"]",
+                )),
+                Some(l) => {
+                    let span = l.span();
+                    let addrs = l.into_inner().into_vec();
+                    if addrs.is_empty() {
+                        return Err(self.invalid(span, "listen", "needs at least one address"));
+                    }
+                    for a in &addrs {
+                        check_listen(a).map_err(|m| self.invalid(span.clone(), "listen", m))?;
+                    }
+                    addrs
                 }
-                for a in &addrs {
-                    check_listen(a).map_err(|m| self.invalid(span.clone(), "listen", m))?;
-                }
-                addrs
-            }
-        };
+            };
 
         let datapath = match raw.datapath {
             None => DataPathKind::Auto,
             Some(d) => DataPathKind::parse(d.get_ref()).ok_or_else(|| {
-                self.invalid(d.span(), "datapath", format!("`{}` is not one of auto, ebpf, splice, copy", d.get_ref()))
+                self.invalid(
+                    d.span(),
+                    "datapath",
+                    format!("`{}` is not one of auto, ebpf, splice, copy", d.get_ref()),
+                )
             })?,
         };
 
-        let classify_timeout = self.timeout(raw.classify_timeout, "classify_timeout", Duration::from_secs(2))?;
-        let connect_timeout = self.timeout(raw.connect_timeout, "connect_timeout", Duration::from_secs(10))?;
+        let classify_timeout = self.timeout(
+            raw.classify_timeout,
+            "classify_timeout",
+            Duration::from_secs(2),
+        )?;
+        let connect_timeout = self.timeout(
+            raw.connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(10),
+        )?;
 
         if raw.route.is_empty() {
             return Err(self.whole("no [[route]]: add at least one, e.g. protocol = \"ssh\", backend = \"127.0.0.1:22\""));
@@ -276,7 +335,10 @@ impl Validator<'_> {
                 return Err(self.invalid(
                     span,
                     "name",
-                    format!("two routes are named `{}`: give each route its own `name`", route.name),
+                    format!(
+                        "two routes are named `{}`: give each route its own `name`",
+                        route.name
+                    ),
                 ));
             }
             routes.push(route);
@@ -290,7 +352,11 @@ impl Validator<'_> {
                     self.invalid(
                         name.span(),
                         "on_timeout",
-                        format!("no route named `{}` (routes: {})", name.get_ref(), names.join(", ")),
+                        format!(
+                            "no route named `{}` (routes: {})",
+                            name.get_ref(),
+                            names.join(", ")
+                        ),
                     )
                 })?)
             }
@@ -299,7 +365,14 @@ impl Validator<'_> {
             None => routes.iter().position(|r| r.protocol == Protocol::Ssh),
         };
 
-        Ok(Config { listen, datapath, classify_timeout, on_timeout, connect_timeout, router: Router::new(routes) })
+        Ok(Config {
+            listen,
+            datapath,
+            classify_timeout,
+            on_timeout,
+            connect_timeout,
+            router: Router::new(routes),
+        })
     }
 
     fn timeout(
@@ -311,7 +384,11 @@ impl Validator<'_> {
         let Some(v) = value else { return Ok(default) };
         let d = v.get_ref().0;
         if d.is_zero() || d > Duration::from_secs(3600) {
-            return Err(self.invalid(v.span(), key, format!("{d:?} is out of range (more than 0, at most 1h)")));
+            return Err(self.invalid(
+                v.span(),
+                key,
+                format!("{d:?} is out of range (more than 0, at most 1h)"),
+            ));
         }
         Ok(d)
     }
@@ -322,28 +399,43 @@ impl Validator<'_> {
             self.invalid(
                 raw.protocol.span(),
                 "protocol",
-                format!("unknown protocol `{}` (one of {})", raw.protocol.get_ref(), names.join(", ")),
+                format!(
+                    "unknown protocol `{}` (one of {})",
+                    raw.protocol.get_ref(),
+                    names.join(", ")
+                ),
             )
         })?;
         let name = match raw.name {
-            Some(n) if n.get_ref().trim().is_empty() => return Err(self.invalid(n.span(), "name", "must not be empty")),
+            Some(n) if n.get_ref().trim().is_empty() => {
+                return Err(self.invalid(n.span(), "name", "must not be empty"));
+            }
             Some(n) => n.into_inner(),
             None => protocol.name().to_string(),
         };
-        let only_for = |span: Option<Range<usize>>, key: &str, allowed: Protocol| -> Result<(), ConfigError> {
-            match span {
-                Some(span) if protocol != allowed => Err(self.invalid(
-                    span,
-                    key,
-                    format!("only applies to protocol = \"{}\" (this route is {})", allowed.name(), protocol.name()),
-                )),
-                _ => Ok(()),
-            }
-        };
+        let only_for =
+            |span: Option<Range<usize>>, key: &str, allowed: Protocol| -> Result<(), ConfigError> {
+                match span {
+                    Some(span) if protocol != allowed => Err(self.invalid(
+                        span,
+                        key,
+                        format!(
+                            "only applies to protocol = \"{}\" (this route is {})",
+                            allowed.name(),
+                            protocol.name()
+                        ),
+                    )),
+                    _ => Ok(()),
+                }
+            };
         only_for(raw.sni.as_ref().map(Spanned::span), "sni", Protocol::Tls)?;
         only_for(raw.alpn.as_ref().map(Spanned::span), "alpn", Protocol::Tls)?;
         only_for(raw.host.as_ref().map(Spanned::span), "host", Protocol::Http)?;
-        only_for(raw.regex.as_ref().map(Spanned::span), "regex", Protocol::Regex)?;
+        only_for(
+            raw.regex.as_ref().map(Spanned::span),
+            "regex",
+            Protocol::Regex,
+        )?;
 
         let regex = match raw.regex {
             Some(re) => Some(
@@ -351,16 +443,24 @@ impl Validator<'_> {
                     .map_err(|e| self.invalid(re.span(), "regex", format!("{e}")))?,
             ),
             None if protocol == Protocol::Regex => {
-                return Err(self.invalid(raw.protocol.span(), "regex", "a regex route needs a `regex` pattern"));
+                return Err(self.invalid(
+                    raw.protocol.span(),
+                    "regex",
+                    "a regex route needs a `regex` pattern",
+                ));
             }
             None => None,
         };
-        let backend = Backend::parse(raw.backend.get_ref()).map_err(|m| self.invalid(raw.backend.span(), "backend", m))?;
+        let backend = Backend::parse(raw.backend.get_ref())
+            .map_err(|m| self.invalid(raw.backend.span(), "backend", m))?;
         Ok(Route {
             name,
             protocol,
             sni: raw.sni.map(|s| Glob::new(s.get_ref())),
-            alpn: raw.alpn.map(|a| a.into_inner().into_vec()).unwrap_or_default(),
+            alpn: raw
+                .alpn
+                .map(|a| a.into_inner().into_vec())
+                .unwrap_or_default(),
             host: raw.host.map(|h| Glob::new(h.get_ref())),
             regex,
             backend,
@@ -370,10 +470,15 @@ impl Validator<'_> {
 
 /// A listen address must name a port; the host may be a name, resolved at bind.
 pub fn check_listen(addr: &str) -> Result<(), String> {
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("`{addr}` is not host:port"))?;
-    port.parse::<u16>().map_err(|_| format!("`{addr}`: `{port}` is not a port number"))?;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{addr}` is not host:port"))?;
+    port.parse::<u16>()
+        .map_err(|_| format!("`{addr}`: `{port}` is not a port number"))?;
     if host.is_empty() {
-        return Err(format!("`{addr}`: missing host (use 0.0.0.0 or [::] for all addresses)"));
+        return Err(format!(
+            "`{addr}`: missing host (use 0.0.0.0 or [::] for all addresses)"
+        ));
     }
     Ok(())
 }
@@ -409,22 +514,34 @@ backend = "127.0.0.1:8443"
         assert_eq!(c.classify_timeout, Duration::from_secs(2));
         assert_eq!(c.on_timeout, Some(0));
         assert_eq!(c.router.routes().len(), 2);
-        assert_eq!(c.router.route(1).sni.as_ref().unwrap().as_str(), "*.example.com");
+        assert_eq!(
+            c.router.route(1).sni.as_ref().unwrap().as_str(),
+            "*.example.com"
+        );
     }
 
     #[test]
     fn the_embedded_default_is_the_gpu_box_layout() {
         let c = Config::parse(DEFAULT_CONFIG, DEFAULT_CONFIG_NAME).unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:2222"]);
-        let r: Vec<(&str, &str)> =
-            c.router.routes().iter().map(|r| (r.protocol.name(), r.backend.as_str())).collect();
-        assert_eq!(r, vec![("ssh", "127.0.0.1:22"), ("http", "127.0.0.1:30000")]);
+        let r: Vec<(&str, &str)> = c
+            .router
+            .routes()
+            .iter()
+            .map(|r| (r.protocol.name(), r.backend.as_str()))
+            .collect();
+        assert_eq!(
+            r,
+            vec![("ssh", "127.0.0.1:22"), ("http", "127.0.0.1:30000")]
+        );
         assert_eq!(c.on_timeout, Some(0));
     }
 
     #[test]
     fn unknown_keys_name_file_line_and_key() {
-        let e = err("listen = [\"127.0.0.1:1\"]\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\nbackends = 3\n");
+        let e = err(
+            "listen = [\"127.0.0.1:1\"]\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\nbackends = 3\n",
+        );
         assert!(e.starts_with("test.toml: "), "{e}");
         assert!(e.contains("line 5"), "{e}");
         assert!(e.contains("backends"), "{e}");
@@ -441,34 +558,72 @@ backend = "127.0.0.1:8443"
             ("on_timeout = \"nope\"", "on_timeout", 2),
         ];
         for (line, key, n) in cases {
-            let text = format!("listen = [\"127.0.0.1:1\"]\n{line}\n[[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n");
+            let text = format!(
+                "listen = [\"127.0.0.1:1\"]\n{line}\n[[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n"
+            );
             let e = err(&text);
             assert!(e.contains("test.toml") && e.contains(key), "{line}: {e}");
-            assert!(e.contains(&format!(":{n}:")) || e.contains(&format!("line {n}")), "{line}: {e}");
+            assert!(
+                e.contains(&format!(":{n}:")) || e.contains(&format!("line {n}")),
+                "{line}: {e}"
+            );
         }
         let route_cases = [
-            ("protocol = \"smtp\"\nbackend = \"127.0.0.1:25\"", "protocol", 4),
+            (
+                "protocol = \"smtp\"\nbackend = \"127.0.0.1:25\"",
+                "protocol",
+                4,
+            ),
             ("protocol = \"ssh\"\nbackend = \"127.0.0.1\"", "backend", 5),
-            ("protocol = \"ssh\"\nbackend = \"127.0.0.1:99999\"", "backend", 5),
-            ("protocol = \"ssh\"\nsni = \"a.com\"\nbackend = \"127.0.0.1:22\"", "sni", 5),
-            ("protocol = \"tls\"\nhost = \"a.com\"\nbackend = \"127.0.0.1:22\"", "host", 5),
-            ("protocol = \"regex\"\nregex = \"(\"\nbackend = \"127.0.0.1:22\"", "regex", 5),
-            ("protocol = \"regex\"\nbackend = \"127.0.0.1:22\"", "regex", 4),
+            (
+                "protocol = \"ssh\"\nbackend = \"127.0.0.1:99999\"",
+                "backend",
+                5,
+            ),
+            (
+                "protocol = \"ssh\"\nsni = \"a.com\"\nbackend = \"127.0.0.1:22\"",
+                "sni",
+                5,
+            ),
+            (
+                "protocol = \"tls\"\nhost = \"a.com\"\nbackend = \"127.0.0.1:22\"",
+                "host",
+                5,
+            ),
+            (
+                "protocol = \"regex\"\nregex = \"(\"\nbackend = \"127.0.0.1:22\"",
+                "regex",
+                5,
+            ),
+            (
+                "protocol = \"regex\"\nbackend = \"127.0.0.1:22\"",
+                "regex",
+                4,
+            ),
         ];
         for (body, key, n) in route_cases {
             let text = format!("listen = \"127.0.0.1:1\"\n\n[[route]]\n{body}\n");
             let e = err(&text);
-            assert!(e.contains(&format!("test.toml:{n}: `{key}`")), "{body}: {e}");
+            assert!(
+                e.contains(&format!("test.toml:{n}: `{key}`")),
+                "{body}: {e}"
+            );
         }
     }
 
     #[test]
     fn whole_file_problems_are_explained() {
-        assert!(err("[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n").contains("`listen` is missing"));
+        assert!(
+            err("[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n")
+                .contains("`listen` is missing")
+        );
         assert!(err("listen = \"127.0.0.1:1\"\n").contains("no [[route]]"));
         let dup = "listen = \"127.0.0.1:1\"\n[[route]]\nprotocol = \"tls\"\nbackend = \"127.0.0.1:1\"\n[[route]]\nprotocol = \"tls\"\nbackend = \"127.0.0.1:2\"\n";
         let e = err(dup);
-        assert!(e.contains("test.toml:5: `name`") && e.contains("two routes are named `tls`"), "{e}");
+        assert!(
+            e.contains("test.toml:5: `name`") && e.contains("two routes are named `tls`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,13 +23,18 @@ pub struct Shared {
 
 /// How classification ended.
 enum Classified {
-    Route { index: usize, found: Option<Found> },
+    Route {
+        index: usize,
+        found: Option<Found>,
+    },
     /// The client closed before sending a byte.
     Gone,
     /// Silent past the timeout, and no `on_timeout` route.
     Silent,
     /// Bytes that no route accepts.
-    NoMatch { why: &'static str },
+    NoMatch {
+        why: &'static str,
+    },
 }
 
 /// Serves one accepted client to the end, logging one line about it.
@@ -78,7 +83,11 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     let mut backend = match connect(&route.backend, shared.config.connect_timeout).await {
         Ok(b) => b,
         Err(e) => {
-            log::warn!("{peer} {protocol}: route `{}`: backend {} failed: {e}; closing", route.name, route.backend);
+            log::warn!(
+                "{peer} {protocol}: route `{}`: backend {} failed: {e}; closing",
+                route.name,
+                route.backend
+            );
             if matches!(found, Some(Found::Http(_))) {
                 bad_gateway(&mut client, route, &e).await;
             }
@@ -115,17 +124,24 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
 
 /// Reads until the router decides, the client goes quiet past the timeout,
 /// closes, or fills the prefix buffer. Returns how many bytes were read.
-async fn classify(config: &Config, client: &mut TcpStream, buf: &mut [u8]) -> io::Result<(usize, Classified)> {
+async fn classify(
+    config: &Config,
+    client: &mut TcpStream,
+    buf: &mut [u8],
+) -> io::Result<(usize, Classified)> {
     let deadline = tokio::time::Instant::now() + config.classify_timeout;
     let mut len = 0;
     loop {
         let read = timeout_at(deadline, client.read(&mut buf[len..])).await;
         let last = match read {
             Err(_elapsed) if len == 0 => {
-                return Ok((0, match config.on_timeout {
-                    Some(index) => Classified::Route { index, found: None },
-                    None => Classified::Silent,
-                }));
+                return Ok((
+                    0,
+                    match config.on_timeout {
+                        Some(index) => Classified::Route { index, found: None },
+                        None => Classified::Silent,
+                    },
+                ));
             }
             Err(_elapsed) => true,
             Ok(Ok(0)) if len == 0 => return Ok((0, Classified::Gone)),
@@ -138,7 +154,15 @@ async fn classify(config: &Config, client: &mut TcpStream, buf: &mut [u8]) -> io
         };
         match config.router.decide(&buf[..len], last) {
             Decision::NeedMore => continue,
-            Decision::Route(index, found) => return Ok((len, Classified::Route { index, found: Some(found) })),
+            Decision::Route(index, found) => {
+                return Ok((
+                    len,
+                    Classified::Route {
+                        index,
+                        found: Some(found),
+                    },
+                ));
+            }
             Decision::NoMatch => {
                 let why = if !last {
                     "no probe fits"
@@ -163,17 +187,27 @@ async fn connect(backend: &Backend, limit: Duration) -> io::Result<TcpStream> {
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")))
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
+        }))
     };
     match tokio::time::timeout(limit, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {limit:?}"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )),
     }
 }
 
 /// An HTTP client gets told why, in one line, instead of a bare close.
 async fn bad_gateway(client: &mut TcpStream, route: &Route, error: &io::Error) {
-    let body = format!("mux: route {}: backend {} is unavailable ({})\n", route.name, route.backend, error.kind());
+    let body = format!(
+        "mux: route {}: backend {} is unavailable ({})\n",
+        route.name,
+        route.backend,
+        error.kind()
+    );
     let response = format!(
         "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -226,8 +260,17 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// The first bytes of an unmatched prefix, printable and bounded, for the log.
 fn preview(bytes: &[u8]) -> String {
-    let shown: String = bytes.iter().take(32).flat_map(|&b| std::ascii::escape_default(b)).map(char::from).collect();
-    if bytes.len() > 32 { format!("\"{shown}\"...") } else { format!("\"{shown}\"") }
+    let shown: String = bytes
+        .iter()
+        .take(32)
+        .flat_map(|&b| std::ascii::escape_default(b))
+        .map(char::from)
+        .collect();
+    if bytes.len() > 32 {
+        format!("\"{shown}\"...")
+    } else {
+        format!("\"{shown}\"")
+    }
 }
 
 #[cfg(test)]

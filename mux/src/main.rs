@@ -3,17 +3,19 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use mux::Server;
 use mux::cli::{self, Command};
 use mux::connection::Shared;
 use mux::datapath::DataPath;
 use mux::privileges::{self, Pidfile};
-use mux::Server;
 
 fn main() -> ExitCode {
     let (cli, matches) = cli::parse();
     match cli.command {
         Some(Command::Check(args)) => {
-            let sub = matches.subcommand_matches("check").expect("clap gave us check");
+            let sub = matches
+                .subcommand_matches("check")
+                .expect("clap gave us check");
             match args.config(sub) {
                 Ok(config) => {
                     print!("configuration OK\n{}", config.describe());
@@ -79,7 +81,10 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
 /// SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         log::error!("cannot install signal handlers; stop mux with SIGKILL");
         return std::future::pending().await;
     };

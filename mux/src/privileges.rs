@@ -10,7 +10,11 @@ pub enum PrivilegeError {
     #[error("--user {0}: no such user")]
     NoSuchUser(String),
     #[error("--user {user}: {step} failed: {source}")]
-    Switch { user: String, step: &'static str, source: io::Error },
+    Switch {
+        user: String,
+        step: &'static str,
+        source: io::Error,
+    },
     #[error("--pidfile {path}: {source}")]
     Pidfile { path: PathBuf, source: io::Error },
 }
@@ -19,7 +23,11 @@ pub enum PrivilegeError {
 /// them) to `user` and its primary group, dropping supplementary groups.
 pub fn drop_to_user(user: &str) -> Result<(), PrivilegeError> {
     let (uid, gid) = lookup_user(user)?;
-    let fail = |step, source| PrivilegeError::Switch { user: user.to_string(), step, source };
+    let fail = |step, source| PrivilegeError::Switch {
+        user: user.to_string(),
+        step,
+        source,
+    };
     // Order matters: groups and gid can only be changed while still root.
     // SAFETY: plain syscalls wrappers with valid arguments.
     unsafe {
@@ -43,7 +51,15 @@ fn lookup_user(user: &str) -> Result<(libc::uid_t, libc::gid_t), PrivilegeError>
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; getpwnam_r writes strings
     // into `buf`, which outlives our use of `pwd`.
-    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
     if rc != 0 || result.is_null() {
         return Err(PrivilegeError::NoSuchUser(user.to_string()));
     }
@@ -59,9 +75,15 @@ pub struct Pidfile {
 
 impl Pidfile {
     pub fn create(path: &Path) -> Result<Pidfile, PrivilegeError> {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|source| PrivilegeError::Pidfile { path: path.to_path_buf(), source })?;
-        Ok(Pidfile { path: path.to_path_buf() })
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+            PrivilegeError::Pidfile {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -75,14 +97,20 @@ impl Drop for Pidfile {
 /// soft limit of 1024 would cap mux at ~170 connections. Raise the soft limit
 /// to the hard one, which needs no privilege.
 pub fn raise_fd_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid pointer.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return Err(io::Error::last_os_error());
         }
         if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -32,7 +32,9 @@ impl Backend {
         if bare.contains(':') && !v6_ok {
             return Err(format!("`{s}`: write an IPv6 address as [addr]:port"));
         }
-        Ok(Backend { addr: s.to_string() })
+        Ok(Backend {
+            addr: s.to_string(),
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -56,7 +58,9 @@ pub struct Glob {
 
 impl Glob {
     pub fn new(pattern: &str) -> Glob {
-        Glob { pattern: pattern.to_ascii_lowercase() }
+        Glob {
+            pattern: pattern.to_ascii_lowercase(),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -115,7 +119,15 @@ pub struct Route {
 impl Route {
     /// A route with no conditions beyond its protocol.
     pub fn new(name: &str, protocol: Protocol, backend: Backend) -> Route {
-        Route { name: name.to_string(), protocol, sni: None, alpn: Vec::new(), host: None, regex: None, backend }
+        Route {
+            name: name.to_string(),
+            protocol,
+            sni: None,
+            alpn: Vec::new(),
+            host: None,
+            regex: None,
+            backend,
+        }
     }
 
     /// The route's own conditions, once its protocol's probe matched.
@@ -156,7 +168,11 @@ impl Route {
         if let Some(re) = &self.regex {
             parts.push(format!("regex={}", re.as_str()));
         }
-        if parts.is_empty() { "-".to_string() } else { parts.join(" ") }
+        if parts.is_empty() {
+            "-".to_string()
+        } else {
+            parts.join(" ")
+        }
     }
 }
 
@@ -215,18 +231,27 @@ impl Router {
                 (Some(re), Protocol::Regex) => classify::probe_regex(re, buf),
                 (_, protocol) => {
                     let slot = &mut cache[protocol as usize];
-                    slot.get_or_insert_with(|| classify::probe(protocol, buf, last)).clone()
+                    slot.get_or_insert_with(|| classify::probe(protocol, buf, last))
+                        .clone()
                 }
             };
             match verdict {
                 Probe::NeedMore => pending = true,
                 Probe::Match(found) if route.accepts(&found) => {
-                    return if pending { Decision::NeedMore } else { Decision::Route(index, found) };
+                    return if pending {
+                        Decision::NeedMore
+                    } else {
+                        Decision::Route(index, found)
+                    };
                 }
                 Probe::Match(_) | Probe::NoMatch => {}
             }
         }
-        if pending { Decision::NeedMore } else { Decision::NoMatch }
+        if pending {
+            Decision::NeedMore
+        } else {
+            Decision::NoMatch
+        }
     }
 }
 
@@ -281,8 +306,14 @@ mod tests {
         re.regex = Some(regex::bytes::Regex::new("^S").unwrap());
         let router = Router::new(vec![route("ssh", Protocol::Ssh), re]);
         assert_eq!(router.decide(b"SS", false), Decision::NeedMore);
-        assert!(matches!(router.decide(b"SS", true), Decision::Route(1, Found::Regex)));
-        assert!(matches!(router.decide(b"SSH-2.0", false), Decision::Route(0, Found::Ssh)));
+        assert!(matches!(
+            router.decide(b"SS", true),
+            Decision::Route(1, Found::Regex)
+        ));
+        assert!(matches!(
+            router.decide(b"SSH-2.0", false),
+            Decision::Route(0, Found::Ssh)
+        ));
     }
 
     #[test]
@@ -323,7 +354,13 @@ mod tests {
     fn no_route_matching_is_a_decision() {
         let router = Router::new(vec![route("ssh", Protocol::Ssh)]);
         assert_eq!(router.decide(b"\x00garbage", false), Decision::NoMatch);
-        let router = Router::new(vec![route("ssh", Protocol::Ssh), route("any", Protocol::Any)]);
-        assert!(matches!(router.decide(b"\x00garbage", false), Decision::Route(1, Found::Any)));
+        let router = Router::new(vec![
+            route("ssh", Protocol::Ssh),
+            route("any", Protocol::Any),
+        ]);
+        assert!(matches!(
+            router.decide(b"\x00garbage", false),
+            Decision::Route(1, Found::Any)
+        ));
     }
 }

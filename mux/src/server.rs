@@ -35,7 +35,10 @@ impl Server {
         for addr in &shared.config.listen {
             let resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr.as_str())
                 .await
-                .map_err(|source| BindError::Resolve { addr: addr.clone(), source })?
+                .map_err(|source| BindError::Resolve {
+                    addr: addr.clone(),
+                    source,
+                })?
                 .collect();
             if resolved.is_empty() {
                 return Err(BindError::Empty { addr: addr.clone() });
@@ -45,12 +48,18 @@ impl Server {
                 listeners.push(listener);
             }
         }
-        Ok(Server { listeners, shared: Arc::new(shared) })
+        Ok(Server {
+            listeners,
+            shared: Arc::new(shared),
+        })
     }
 
     /// The bound addresses (with the real port when the config asked for 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// Accepts until `shutdown` completes.
@@ -65,7 +74,11 @@ impl Server {
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProtocol::TCP),
+    )?;
     // A restarted mux must not wait out TIME_WAIT on its own port.
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -101,11 +114,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 fn local(listener: &TcpListener) -> String {
-    listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string())
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Lets a repeated condition be logged at most once per period.
@@ -121,7 +139,10 @@ impl LogThrottle {
 
     fn ready(&mut self) -> bool {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < self.period) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
             return false;
         }
         self.last = Some(now);

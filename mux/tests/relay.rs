@@ -15,7 +15,11 @@ const GIB: u64 = 1 << 30;
 /// what the other sent, for the given data path.
 async fn gib_each_way(datapath: &str) {
     let (backend, mut backend_got) = hashing_backend(GIB, 2).await;
-    let mux = Mux::with_config(&config(&format!("datapath = \"{datapath}\""), &[("bulk", "any", backend)])).unwrap();
+    let mux = Mux::with_config(&config(
+        &format!("datapath = \"{datapath}\""),
+        &[("bulk", "any", backend)],
+    ))
+    .unwrap();
     let client = TcpStream::connect(mux.addr).await.unwrap();
     let (mut r, mut w) = client.into_split();
     let writer = tokio::spawn(async move {
@@ -23,12 +27,25 @@ async fn gib_each_way(datapath: &str) {
         w.shutdown().await.unwrap();
         sent
     });
-    let (got_len, got_hash) = tokio::time::timeout(Duration::from_secs(240), read_hash(&mut r)).await.unwrap();
+    let (got_len, got_hash) = tokio::time::timeout(Duration::from_secs(240), read_hash(&mut r))
+        .await
+        .unwrap();
     assert_eq!(writer.await.unwrap(), GIB);
     let (backend_len, backend_hash) =
-        tokio::time::timeout(Duration::from_secs(60), backend_got.recv()).await.unwrap().unwrap();
-    assert_eq!((backend_len, backend_hash), (GIB, stream_sha256(GIB, 1)), "client to backend ({datapath})");
-    assert_eq!((got_len, got_hash), (GIB, stream_sha256(GIB, 2)), "backend to client ({datapath})");
+        tokio::time::timeout(Duration::from_secs(60), backend_got.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        (backend_len, backend_hash),
+        (GIB, stream_sha256(GIB, 1)),
+        "client to backend ({datapath})"
+    );
+    assert_eq!(
+        (got_len, got_hash),
+        (GIB, stream_sha256(GIB, 2)),
+        "backend to client ({datapath})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -54,11 +71,19 @@ async fn client_half_close(datapath: &str) {
         s.write_all(&filler).await.unwrap();
     })
     .await;
-    let mux = Mux::with_config(&config(&format!("datapath = \"{datapath}\""), &[("any", "any", backend)])).unwrap();
+    let mux = Mux::with_config(&config(
+        &format!("datapath = \"{datapath}\""),
+        &[("any", "any", backend)],
+    ))
+    .unwrap();
     let request = b"half-close request: the answer comes only after my FIN".repeat(1000);
     let out = exchange(mux.addr, &request, true).await.unwrap();
     let expect = format!("{}:{}", request.len(), sha256(&request));
-    assert!(out.starts_with(expect.as_bytes()), "answer head: {:?}", String::from_utf8_lossy(&out[..out.len().min(80)]));
+    assert!(
+        out.starts_with(expect.as_bytes()),
+        "answer head: {:?}",
+        String::from_utf8_lossy(&out[..out.len().min(80)])
+    );
     assert_eq!(out.len(), expect.len() + (1 << 20));
 }
 
@@ -75,19 +100,29 @@ async fn backend_half_close(datapath: &str) {
         }
     })
     .await;
-    let mux = Mux::with_config(&config(&format!("datapath = \"{datapath}\""), &[("ssh", "ssh", backend)])).unwrap();
+    let mux = Mux::with_config(&config(
+        &format!("datapath = \"{datapath}\""),
+        &[("ssh", "ssh", backend)],
+    ))
+    .unwrap();
     let mut s = TcpStream::connect(mux.addr).await.unwrap();
     let mut payload = b"SSH-2.0-client\r\n".to_vec();
     s.write_all(&payload).await.unwrap();
     let mut greeting = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut greeting)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(greeting, b"bye\n");
     let mut more = vec![0u8; 4 << 20];
     Stream::new(6).fill(&mut more);
     s.write_all(&more).await.unwrap();
     s.shutdown().await.unwrap();
     payload.extend_from_slice(&more);
-    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, (payload.len() as u64, sha256(&payload)));
 }
 
@@ -124,7 +159,11 @@ async fn a_thousand_concurrent_connections_all_complete() {
             s.write_all(hello.as_bytes()).await?;
             let mut echo = vec![0u8; hello.len()];
             s.read_exact(&mut echo).await?;
-            anyhow::ensure!(echo == hello.as_bytes(), "client {i} got {:?}", String::from_utf8_lossy(&echo));
+            anyhow::ensure!(
+                echo == hello.as_bytes(),
+                "client {i} got {:?}",
+                String::from_utf8_lossy(&echo)
+            );
             barrier.wait().await;
             s.shutdown().await?;
             let mut rest = Vec::new();

@@ -12,22 +12,35 @@ use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn openssh_logs_in_and_runs_a_command_through_mux() {
-    if !can_run("sshd (as root)", have_tool("sshd") && have_tool("ssh") && is_root()) {
+    if !can_run(
+        "sshd (as root)",
+        have_tool("sshd") && have_tool("ssh") && is_root(),
+    ) {
         return;
     }
     let sshd = Sshd::start().unwrap();
     let web = http_backend("web").await;
-    let mut mux = Mux::with_config(&config("", &[("ssh", "ssh", sshd.addr), ("web", "http", web)])).unwrap();
+    let mut mux = Mux::with_config(&config(
+        "",
+        &[("ssh", "ssh", sshd.addr), ("web", "http", web)],
+    ))
+    .unwrap();
     let args = sshd.ssh_args(mux.addr.port());
     let (status, out, err) = tokio::task::spawn_blocking(move || {
-        run(Command::new("ssh").args(&args).arg("echo mux-ssh-$((6*7))"), Duration::from_secs(30))
+        run(
+            Command::new("ssh").args(&args).arg("echo mux-ssh-$((6*7))"),
+            Duration::from_secs(30),
+        )
     })
     .await
     .unwrap()
     .unwrap();
     assert!(status.success(), "ssh failed: {err}");
     assert_eq!(out.trim(), "mux-ssh-42");
-    let line = mux.wait_log_async("route=ssh", Duration::from_secs(5)).await.unwrap();
+    let line = mux
+        .wait_log_async("route=ssh", Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(line.contains(&format!("backend={}", sshd.addr)), "{line}");
 }
 
@@ -38,17 +51,28 @@ async fn curl_reaches_the_http_backend() {
     }
     let ssh = banner_backend("SSH-2.0-fake").await;
     let web = http_backend("web").await;
-    let mut mux = Mux::with_config(&config("", &[("ssh", "ssh", ssh), ("web", "http", web)])).unwrap();
+    let mut mux =
+        Mux::with_config(&config("", &[("ssh", "ssh", ssh), ("web", "http", web)])).unwrap();
     let url = format!("http://{}/v1/models?x=1", mux.addr);
-    let (status, out, err) =
-        tokio::task::spawn_blocking(move || run(Command::new("curl").args(["-sS", "--max-time", "10", &url]), Duration::from_secs(15)))
-            .await
-            .unwrap()
-            .unwrap();
+    let (status, out, err) = tokio::task::spawn_blocking(move || {
+        run(
+            Command::new("curl").args(["-sS", "--max-time", "10", &url]),
+            Duration::from_secs(15),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(status.success(), "curl: {err}");
     assert_eq!(out, "web /v1/models?x=1\n");
-    let line = mux.wait_log_async("route=web", Duration::from_secs(5)).await.unwrap();
-    assert!(line.contains("http GET /v1/models?x=1 host=127.0.0.1:"), "{line}");
+    let line = mux
+        .wait_log_async("route=web", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        line.contains("http GET /v1/models?x=1 host=127.0.0.1:"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -69,13 +93,21 @@ async fn openssl_servername_reaches_the_backend_of_its_sni() {
          [[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"{ssh}\"\n"
     );
     let mut mux = Mux::with_config(&toml).unwrap();
-    for (servername, expect_cn, route) in
-        [("a.example.com", "a.example.com", "route=a"), ("zzz.example.com", "b.example.com", "route=rest")]
-    {
+    for (servername, expect_cn, route) in [
+        ("a.example.com", "a.example.com", "route=a"),
+        ("zzz.example.com", "b.example.com", "route=rest"),
+    ] {
         let connect = mux.addr.to_string();
         let (status, out, err) = tokio::task::spawn_blocking(move || {
             run(
-                Command::new("openssl").args(["s_client", "-connect", &connect, "-servername", servername, "-brief"]),
+                Command::new("openssl").args([
+                    "s_client",
+                    "-connect",
+                    &connect,
+                    "-servername",
+                    servername,
+                    "-brief",
+                ]),
                 Duration::from_secs(15),
             )
         })
@@ -84,9 +116,14 @@ async fn openssl_servername_reaches_the_backend_of_its_sni() {
         .unwrap();
         // -brief prints the peer certificate's subject on stderr.
         let all = format!("{out}{err}");
-        assert!(all.contains(&format!("CN = {expect_cn}")) || all.contains(&format!("CN={expect_cn}")),
-            "{servername}: status {status}, output:\n{all}");
-        let line = mux.wait_log_async(&format!("sni={servername}"), Duration::from_secs(5)).await.unwrap();
+        assert!(
+            all.contains(&format!("CN = {expect_cn}")) || all.contains(&format!("CN={expect_cn}")),
+            "{servername}: status {status}, output:\n{all}"
+        );
+        let line = mux
+            .wait_log_async(&format!(" tls sni={servername} "), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(line.contains(route), "{line}");
     }
 }
@@ -95,11 +132,17 @@ async fn openssl_servername_reaches_the_backend_of_its_sni() {
 async fn a_silent_client_reaches_the_on_timeout_backend() {
     let ssh = banner_backend("SSH-2.0-on-timeout").await;
     let web = http_backend("web").await;
-    let mux = Mux::with_config(&config("classify_timeout = \"300ms\"", &[("web", "http", web), ("ssh", "ssh", ssh)]))
-        .unwrap();
+    let mux = Mux::with_config(&config(
+        "classify_timeout = \"300ms\"",
+        &[("web", "http", web), ("ssh", "ssh", ssh)],
+    ))
+    .unwrap();
     let mut s = TcpStream::connect(mux.addr).await.unwrap();
     let mut banner = [0u8; 19];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&banner, b"SSH-2.0-on-timeout\n");
 }
 
@@ -109,8 +152,11 @@ async fn a_hello_trickling_in_byte_by_byte_arrives_whole() {
     // it consumed must reach the backend first and in order.
     let (backend_addr, mut got) = hashing_backend(0, 1).await;
     let other = echo_backend().await;
-    let mux = Mux::with_config(&config("classify_timeout = \"10s\"", &[("ssh", "ssh", other), ("tls", "tls", backend_addr)]))
-        .unwrap();
+    let mux = Mux::with_config(&config(
+        "classify_timeout = \"10s\"",
+        &[("ssh", "ssh", other), ("tls", "tls", backend_addr)],
+    ))
+    .unwrap();
     let hello = client_hello("trickle.example.com");
     let mut tail = vec![0u8; 100_000];
     Stream::new(9).fill(&mut tail);
@@ -123,7 +169,10 @@ async fn a_hello_trickling_in_byte_by_byte_arrives_whole() {
     }
     s.write_all(&tail).await.unwrap();
     s.shutdown().await.unwrap();
-    let (len, hash) = tokio::time::timeout(Duration::from_secs(20), got.recv()).await.unwrap().unwrap();
+    let (len, hash) = tokio::time::timeout(Duration::from_secs(20), got.recv())
+        .await
+        .unwrap()
+        .unwrap();
     let mut all = hello.clone();
     all.extend_from_slice(&tail);
     assert_eq!(len, all.len() as u64);
@@ -133,18 +182,34 @@ async fn a_hello_trickling_in_byte_by_byte_arrives_whole() {
 #[test]
 fn the_sslh_command_line_runs_unchanged() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (ssh, web) = rt.block_on(async { (banner_backend("SSH-2.0-sslh-style").await, http_backend("web").await) });
+    let (ssh, web) = rt.block_on(async {
+        (
+            banner_backend("SSH-2.0-sslh-style").await,
+            http_backend("web").await,
+        )
+    });
     let dir = Scratch::new("sslh");
     let pidfile = dir.path("sslh.pid");
     let (ssh, web) = (ssh.to_string(), web.to_string());
-    let mut args = vec!["--foreground", "--listen", "127.0.0.1:0", "--ssh", &ssh, "--http", &web, "--pidfile"];
+    let mut args = vec![
+        "--foreground",
+        "--listen",
+        "127.0.0.1:0",
+        "--ssh",
+        &ssh,
+        "--http",
+        &web,
+        "--pidfile",
+    ];
     let pid_arg = pidfile.to_str().unwrap().to_string();
     args.push(&pid_arg);
     let mux = Mux::with_args(&args).unwrap();
     let pid = std::fs::read_to_string(&pidfile).unwrap();
     assert_eq!(pid.trim(), mux.pid().to_string());
     rt.block_on(async {
-        let out = exchange(mux.addr, b"GET /sslh HTTP/1.0\r\nHost: x\r\n\r\n", false).await.unwrap();
+        let out = exchange(mux.addr, b"GET /sslh HTTP/1.0\r\nHost: x\r\n\r\n", false)
+            .await
+            .unwrap();
         assert!(String::from_utf8_lossy(&out).ends_with("web /sslh\n"));
     });
     let mut mux = mux;
@@ -159,11 +224,28 @@ fn user_flag_drops_root_and_still_serves() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let web = rt.block_on(http_backend("web")).to_string();
-    let mux = Mux::with_args(&["--listen", "127.0.0.1:0", "--http", &web, "--user", "nobody"]).unwrap();
+    let mux = Mux::with_args(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        &web,
+        "--user",
+        "nobody",
+    ])
+    .unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", mux.pid())).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
-    let out = rt.block_on(exchange(mux.addr, b"GET /as-nobody HTTP/1.0\r\n\r\n", false)).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
+    let out = rt
+        .block_on(exchange(
+            mux.addr,
+            b"GET /as-nobody HTTP/1.0\r\n\r\n",
+            false,
+        ))
+        .unwrap();
     assert!(String::from_utf8_lossy(&out).ends_with("web /as-nobody\n"));
 }
 
@@ -176,33 +258,66 @@ fn every_example_config_checks() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let (status, out, err) =
-            run(Command::new(mux_bin()).arg("check").arg("--config").arg(&path), Duration::from_secs(10)).unwrap();
+        let (status, out, err) = run(
+            Command::new(mux_bin())
+                .arg("check")
+                .arg("--config")
+                .arg(&path),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         assert!(status.success(), "{}: {err}", path.display());
         assert!(out.starts_with("configuration OK"), "{out}");
         n += 1;
     }
-    assert!(n >= 3, "expected the examples folder to hold a config per use case, found {n}");
+    assert!(
+        n >= 3,
+        "expected the examples folder to hold a config per use case, found {n}"
+    );
 }
 
 #[test]
 fn check_names_file_line_and_key_and_fails() {
     let dir = Scratch::new("check");
     let path = dir.write("bad.toml", "listen = \"127.0.0.1:1\"\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\nsni = \"x\"\n");
-    let (status, _, err) = run(Command::new(mux_bin()).arg("check").arg("--config").arg(&path), Duration::from_secs(10)).unwrap();
+    let (status, _, err) = run(
+        Command::new(mux_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&path),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     assert_eq!(status.code(), Some(1));
-    assert!(err.contains(&format!("{}:5: `sni`", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:5: `sni`", path.display())),
+        "{err}"
+    );
     // The daemon refuses to start on it too, with the same message.
-    let (status, _, err) = run(Command::new(mux_bin()).arg("--config").arg(&path), Duration::from_secs(10)).unwrap();
+    let (status, _, err) = run(
+        Command::new(mux_bin()).arg("--config").arg(&path),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     assert_eq!(status.code(), Some(1));
-    assert!(err.contains("`sni`: only applies to protocol = \"tls\""), "{err}");
+    assert!(
+        err.contains("`sni`: only applies to protocol = \"tls\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn check_prints_the_embedded_default_routes() {
-    let (status, out, _) = run(Command::new(mux_bin()).arg("check"), Duration::from_secs(10)).unwrap();
+    let (status, out, _) = run(
+        Command::new(mux_bin()).arg("check"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     assert!(status.success());
-    assert!(out.contains("ssh") && out.contains("127.0.0.1:22") && out.contains("127.0.0.1:30000"), "{out}");
+    assert!(
+        out.contains("ssh") && out.contains("127.0.0.1:22") && out.contains("127.0.0.1:30000"),
+        "{out}"
+    );
     assert!(out.contains("0.0.0.0:2222"), "{out}");
 }
 

@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
 /// are where off-by-one bugs live.
 fn split_points(data: &[u8]) -> impl Iterator<Item = usize> {
     let len = data.len();
-    let steered = data.iter().take(4).map(move |&b| usize::from(b) * len / 256);
+    let steered = data
+        .iter()
+        .take(4)
+        .map(move |&b| usize::from(b) * len / 256);
     let fixed = [0, 1, len.saturating_sub(1)];
     steered.chain(fixed).filter(move |&end| end < len)
 }

@@ -16,7 +16,10 @@ pub(super) struct Buffer {
 
 impl Buffer {
     pub(super) fn new() -> Buffer {
-        Buffer { bytes: vec![0; BUFFER_SIZE].into_boxed_slice(), start: 0 }
+        Buffer {
+            bytes: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            start: 0,
+        }
     }
 }
 

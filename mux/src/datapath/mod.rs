@@ -38,7 +38,9 @@ impl DataPath {
     pub fn select(kind: DataPathKind) -> Result<(DataPath, &'static str), DataPathError> {
         match kind {
             DataPathKind::Auto => Ok((DataPath::Splice, "auto: splice(2) through a pipe")),
-            DataPathKind::Splice => Ok((DataPath::Splice, "splice(2) through a pipe, as configured")),
+            DataPathKind::Splice => {
+                Ok((DataPath::Splice, "splice(2) through a pipe, as configured"))
+            }
             DataPathKind::Copy => Ok((DataPath::Copy, "read/write copy, as configured")),
             DataPathKind::Ebpf => Err(DataPathError::EbpfUnavailable),
         }
@@ -67,7 +69,9 @@ impl DataPath {
                 Err(e) => {
                     // Out of fds or pipe memory: this pair still deserves
                     // service, just without the pipe.
-                    log::warn!("splice: cannot create pipes ({e}); copying this connection instead");
+                    log::warn!(
+                        "splice: cannot create pipes ({e}); copying this connection instead"
+                    );
                     copy_pair(client, backend, &mut r).await
                 }
             },
@@ -78,7 +82,11 @@ impl DataPath {
     }
 }
 
-async fn copy_pair(client: &TcpStream, backend: &TcpStream, r: &mut Relayed) -> io::Result<((), ())> {
+async fn copy_pair(
+    client: &TcpStream,
+    backend: &TcpStream,
+    r: &mut Relayed,
+) -> io::Result<((), ())> {
     tokio::try_join!(
         pump(client, backend, copy::Buffer::new(), &mut r.up),
         pump(backend, client, copy::Buffer::new(), &mut r.down)
@@ -87,7 +95,9 @@ async fn copy_pair(client: &TcpStream, backend: &TcpStream, r: &mut Relayed) -> 
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataPathError {
-    #[error("datapath = \"ebpf\": the kernel data path is not part of this build yet; use auto, splice or copy")]
+    #[error(
+        "datapath = \"ebpf\": the kernel data path is not part of this build yet; use auto, splice or copy"
+    )]
     EbpfUnavailable,
 }
 
@@ -103,7 +113,12 @@ trait Stage {
 
 /// Moves bytes one way until EOF, then shuts down `dst`'s write half.
 /// Never holds more than one stage's worth: a slow reader stalls the writer.
-async fn pump(src: &TcpStream, dst: &TcpStream, mut stage: impl Stage, moved: &mut u64) -> io::Result<()> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mut stage: impl Stage,
+    moved: &mut u64,
+) -> io::Result<()> {
     loop {
         let n = ready(src, Interest::READABLE, || stage.fill(src)).await?;
         if n == 0 {
@@ -120,7 +135,11 @@ async fn pump(src: &TcpStream, dst: &TcpStream, mut stage: impl Stage, moved: &m
 
 /// Retries `op` each time `stream` is ready for `interest`, until it does
 /// not return `WouldBlock`.
-async fn ready<T>(stream: &TcpStream, interest: Interest, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+async fn ready<T>(
+    stream: &TcpStream,
+    interest: Interest,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
     loop {
         stream.ready(interest).await?;
         match stream.try_io(interest, &mut op) {

@@ -28,7 +28,10 @@ pub(super) struct Pipe {
 
 impl Pipes {
     pub(super) fn new() -> io::Result<Pipes> {
-        Ok(Pipes { up: Pipe::new()?, down: Pipe::new()? })
+        Ok(Pipes {
+            up: Pipe::new()?,
+            down: Pipe::new()?,
+        })
     }
 
     pub(super) fn halves(&mut self) -> (&mut Pipe, &mut Pipe) {
@@ -42,7 +45,11 @@ impl Pipe {
         // Unprivileged users past /proc/sys/fs/pipe-user-pages-soft cannot grow
         // pipes; the default size still works, only with more wake-ups.
         let capacity = fcntl_setpipe_size(&write, PIPE_SIZE).unwrap_or(64 * 1024);
-        Ok(Pipe { read, write, capacity })
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
     }
 }
 

@@ -119,11 +119,18 @@ impl Mux {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut mux = Mux { child, addr: "0.0.0.0:0".parse().unwrap(), logs, _scratch: None };
-        let line = mux.wait_log("listening on ", Duration::from_secs(10)).map_err(|e| {
-            let _ = mux.child.kill();
-            e
-        })?;
+        let mut mux = Mux {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            logs,
+            _scratch: None,
+        };
+        let line = mux
+            .wait_log("listening on ", Duration::from_secs(10))
+            .map_err(|e| {
+                let _ = mux.child.kill();
+                e
+            })?;
         let addr = line.rsplit("listening on ").next().unwrap().trim();
         mux.addr = addr.parse().with_context(|| format!("parsing `{addr}`"))?;
         Ok(mux)
@@ -141,14 +148,26 @@ impl Mux {
     pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
         let start = Instant::now();
         loop {
-            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            if let Some(line) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
                 return Ok(line.clone());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("mux exited ({status}) before logging `{needle}`; log:\n{}", self.logs().join("\n"));
+                bail!(
+                    "mux exited ({status}) before logging `{needle}`; log:\n{}",
+                    self.logs().join("\n")
+                );
             }
             if start.elapsed() > limit {
-                bail!("no log line with `{needle}` within {limit:?}; log:\n{}", self.logs().join("\n"));
+                bail!(
+                    "no log line with `{needle}` within {limit:?}; log:\n{}",
+                    self.logs().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -199,7 +218,9 @@ impl Drop for Mux {
 pub fn config(extra: &str, routes: &[(&str, &str, SocketAddr)]) -> String {
     let mut s = format!("listen = [\"127.0.0.1:0\"]\n{extra}\n");
     for (name, protocol, backend) in routes {
-        s.push_str(&format!("[[route]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\nbackend = \"{backend}\"\n"));
+        s.push_str(&format!(
+            "[[route]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\nbackend = \"{backend}\"\n"
+        ));
     }
     s
 }
@@ -256,8 +277,20 @@ pub async fn http_backend(name: &'static str) -> SocketAddr {
             buf.drain(..end + 4);
             let path = head.split_whitespace().nth(1).unwrap_or("?").to_string();
             let body = format!("{name} {path}\n");
-            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
             if s.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+            let lower = head.to_ascii_lowercase();
+            if lower.contains("connection: close")
+                || lower
+                    .lines()
+                    .next()
+                    .is_some_and(|l| l.ends_with("http/1.0"))
+            {
                 return;
             }
         }
@@ -268,7 +301,13 @@ pub async fn http_backend(name: &'static str) -> SocketAddr {
 /// Records the sha256 and length of everything it receives, sends `send`
 /// bytes of a deterministic stream meanwhile, and closes its write side when
 /// both are done. Results arrive on the returned channel.
-pub async fn hashing_backend(send: u64, seed: u64) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u64, String)>) {
+pub async fn hashing_backend(
+    send: u64,
+    seed: u64,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, String)>,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let addr = backend(move |s| {
         let tx = tx.clone();
@@ -334,7 +373,12 @@ pub fn stream_sha256(len: u64, seed: u64) -> String {
 
 /// Writes `len` bytes of `Stream::new(seed)`; with `jitter`, in random sizes
 /// with occasional pauses. Returns bytes written (less on error).
-pub async fn write_stream<W: AsyncWriteExt + Unpin>(w: &mut W, len: u64, seed: u64, jitter: bool) -> u64 {
+pub async fn write_stream<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    len: u64,
+    seed: u64,
+    jitter: bool,
+) -> u64 {
     let mut s = Stream::new(seed);
     let mut rng = Stream::new(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut buf = vec![0u8; 64 * 1024];
@@ -344,7 +388,11 @@ pub async fn write_stream<W: AsyncWriteExt + Unpin>(w: &mut W, len: u64, seed: u
         s.fill(&mut buf[..n]);
         let mut piece = &buf[..n];
         while !piece.is_empty() {
-            let k = if jitter { 1 + rng.below(piece.len() as u64) as usize } else { piece.len() };
+            let k = if jitter {
+                1 + rng.below(piece.len() as u64) as usize
+            } else {
+                piece.len()
+            };
             if w.write_all(&piece[..k]).await.is_err() {
                 return sent;
             }
@@ -396,8 +444,15 @@ pub async fn exchange(addr: SocketAddr, request: &[u8], half_close: bool) -> Res
 }
 
 /// Runs a command to completion with a time limit; returns (status, stdout, stderr).
-pub fn run(cmd: &mut Command, limit: Duration) -> Result<(std::process::ExitStatus, String, String)> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+pub fn run(
+    cmd: &mut Command,
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("spawning {cmd:?}"))?;
     let start = Instant::now();
     loop {
@@ -434,7 +489,11 @@ impl Drop for Proc {
 /// A port that was free a moment ago, for peers that cannot report the port
 /// they bound (sshd). The race is tolerated by retrying their start.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until something accepts on `addr`.
@@ -465,7 +524,9 @@ impl Sshd {
         let client_key = scratch.path("client_ed25519");
         for key in [&host_key, &client_key] {
             let (st, _, err) = run(
-                Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(key),
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(key),
                 Duration::from_secs(10),
             )?;
             anyhow::ensure!(st.success(), "ssh-keygen: {err}");
@@ -496,7 +557,12 @@ impl Sshd {
             let proc = Proc(child);
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
             if wait_listening(addr, Duration::from_secs(5)) {
-                return Ok(Sshd { _proc: proc, addr, client_key, _scratch: scratch });
+                return Ok(Sshd {
+                    _proc: proc,
+                    addr,
+                    client_key,
+                    _scratch: scratch,
+                });
             }
         }
         bail!("sshd did not start")
@@ -505,13 +571,20 @@ impl Sshd {
     /// `ssh` arguments that log in as root with the test key, host key unchecked.
     pub fn ssh_args(&self, port: u16) -> Vec<String> {
         [
-            "-i", self.client_key.to_str().unwrap(),
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR",
-            "-o", "ConnectTimeout=10",
-            "-p", &port.to_string(),
+            "-i",
+            self.client_key.to_str().unwrap(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-p",
+            &port.to_string(),
             "root@127.0.0.1",
         ]
         .iter()
@@ -530,7 +603,17 @@ pub fn certificate(dir: &Scratch, cn: &str) -> Result<(PathBuf, PathBuf)> {
     let key = dir.path(&format!("{cn}.key"));
     let (st, _, err) = run(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+            ])
             .arg("-subj")
             .arg(format!("/CN={cn}"))
             .arg("-keyout")
@@ -564,6 +647,8 @@ pub fn tls_server(cert: &Path, key: &Path) -> Result<(Proc, SocketAddr)> {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(10)).context("s_server did not report its port")?;
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("s_server did not report its port")?;
     Ok((proc, addr.parse()?))
 }
