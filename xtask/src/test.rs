@@ -175,12 +175,15 @@ fn fuzz_command(root: &std::path::Path) -> Result<Command, String> {
             crate_dir.join("fuzz").display()
         ));
     }
+    let _ = std::fs::create_dir_all(crate_dir.join("fuzz/corpus/classify"));
     let mut cmd = Command::new("cargo");
     cmd.current_dir(crate_dir)
         // The fuzz targets need only the user-space classifiers, and cargo-fuzz's RUSTFLAGS
         // (sanitizer, coverage) would leak into aya-build's nested build for the bpf target.
         .env("AYA_BUILD_SKIP", "1")
-        .args(["+nightly", "fuzz", "run", "classify", "--"])
+        // The first directory collects new inputs; the committed seeds (real
+        // ClientHellos, requests, banners) start the fuzzer deep in each probe.
+        .args(["+nightly", "fuzz", "run", "classify", "fuzz/corpus/classify", "fuzz/seeds/classify", "--"])
         .arg(format!("-max_total_time={FUZZ_SECONDS}"))
         .arg("-rss_limit_mb=4096");
     Ok(cmd)
