@@ -16,20 +16,49 @@ pub const FAMILY_INET: u32 = 2;
 pub const FAMILY_INET6: u32 = 10;
 
 /// Most connections mux splices in the kernel at once: the size of
-/// [`MAP_CAPTURE`] and of [`MAP_SOCKS`] (which holds two sockets per
-/// connection, hence twice as many entries).
+/// [`MAP_PENDING`] and [`MAP_FLOWS`], and half that of [`MAP_SOCKS`] (which
+/// holds two sockets per connection).
 pub const MAX_CONNECTIONS: u32 = 65536;
 
-/// Name of the `HashMap<Endpoint, Capture>` in which user space publishes
-/// mux's outgoing socket before it connects to a backend.
-pub const MAP_CAPTURE: &str = "MUX_CAPTURE";
-/// Entries of [`MAP_CAPTURE`].
-pub const MAP_CAPTURE_SIZE: u32 = MAX_CONNECTIONS;
+/// Name of the `HashMap<u64, Pending>` in which user space publishes mux's
+/// outgoing socket, by socket cookie, before it connects to a backend.
+pub const MAP_PENDING: &str = "MUX_PENDING";
+/// Name of the `HashMap<Flow, Capture>` the sock_ops program fills when one
+/// of the pending sockets connects: the 4-tuple the other programs see.
+pub const MAP_FLOWS: &str = "MUX_FLOWS";
+
+/// Name of the `HashMap<u64, Client>` in which user space publishes, by
+/// socket cookie, the client sockets of connections on the kernel path.
+pub const MAP_CLIENTS: &str = "MUX_CLIENTS";
+/// Name of the `HashMap<ListenKey, u32>` of mux's listening ports: the
+/// sock_ops program asks for ACK callbacks on the sockets they accept, so
+/// that [`Client::acked`] stays current.
+pub const MAP_LISTEN: &str = "MUX_LISTEN";
+/// Entries of [`MAP_LISTEN`].
+pub const MAP_LISTEN_SIZE: u32 = 256;
+
+/// Bytes the backend may have outstanding in the client socket (written to
+/// it, not yet acknowledged by the client) while its sends go straight to
+/// the client in the kernel. Past it, its sends take the normal path
+/// through mux (which blocks and wakes it like any TCP peer) until mux has
+/// delivered them and the client has caught up.
+///
+/// Why a bound at all: a redirected send that finds the client socket full
+/// fails with EAGAIN for a non-blocking backend, and nothing ever wakes an
+/// edge-triggered poller (tokio, nginx, Go) again, since its own socket
+/// never filled. Keeping the client's queue under this bound, with its
+/// send buffer fixed at [`CLIENT_SNDBUF`], means a redirected send always
+/// finds room.
+pub const REDIRECT_WINDOW: u64 = 4 << 20;
+/// `SO_SNDBUF` mux sets on client sockets on the kernel path (the kernel
+/// doubles it): four times [`REDIRECT_WINDOW`] of buffer memory, leaving
+/// room for per-segment overhead.
+pub const CLIENT_SNDBUF: u32 = 4 << 20;
 
 /// Name of the `SockHash<u64>` holding the sockets whose bytes the kernel
 /// moves: the backend's accepted socket (inserted by the sock_ops program)
 /// and mux's client socket (inserted by user space), each under the key user
-/// space chose in [`Capture`].
+/// space chose in [`Pending`].
 pub const MAP_SOCKS: &str = "MUX_SOCKS";
 /// Entries of [`MAP_SOCKS`]: two sockets per connection.
 pub const MAP_SOCKS_SIZE: u32 = 2 * MAX_CONNECTIONS;
@@ -47,122 +76,217 @@ pub const STAT_CAPTURED: u32 = 0;
 /// sock_ops saw a published peer but `bpf_sock_hash_update` failed (map
 /// full, or a socket the kernel refuses): that connection stays in user space.
 pub const STAT_INSERT_FAILED: u32 = 1;
+/// sk_msg redirected a backend's send to its client socket.
+pub const STAT_REDIRECTED: u32 = 2;
+/// sk_msg found the connection but its client socket was gone from
+/// [`MAP_SOCKS`] (the client closed): the send took the normal path.
+pub const STAT_REDIRECT_FAILED: u32 = 3;
+/// sock_ops saw a pending socket connect but could not record its flow
+/// ([`MAP_FLOWS`] full): that connection stays in user space.
+pub const STAT_FLOW_FAILED: u32 = 4;
+/// sk_msg sent a backend's bytes the normal way because the client had
+/// [`REDIRECT_WINDOW`] outstanding (or mux had not yet delivered earlier
+/// ones).
+pub const STAT_SPILLED: u32 = 5;
 /// Entries of [`MAP_STATS`].
-pub const MAP_STATS_SIZE: u32 = 2;
+pub const MAP_STATS_SIZE: u32 = 6;
 
 /// Name of the sock_ops program (the Rust function name in mux-ebpf; it must
 /// differ from its ELF section, `sockops`, or the object fails to link).
 pub const PROG_SOCK_OPS: &str = "mux_sock_ops";
+/// Name of the sk_msg program, attached to [`MAP_SOCKS`].
+pub const PROG_SK_MSG: &str = "mux_sk_msg";
 
-/// One end of a TCP connection as the kernel sees it, used as the key of
-/// [`MAP_CAPTURE`]: the *local* end of mux's outgoing socket, which is the
-/// *remote* end of the backend's accepted socket.
+/// A TCP connection as seen from mux's outgoing socket: the key of
+/// [`MAP_FLOWS`]. The backend's socket sees the same connection with local
+/// and remote swapped; the programs swap them back before a lookup.
 ///
-/// Canonical form, which both sides must produce (see
-/// `mux_common::Endpoint::new` under the `user` feature and mux-ebpf's
-/// sock_ops program):
-/// - IPv4 (including an IPv4-mapped IPv6 address such as `::ffff:127.0.0.1`,
-///   which a dual-stack listener reports for an IPv4 peer): `family` is
-///   [`FAMILY_INET`], `addr[0]` holds the address in network byte order (its
-///   four octets in memory order), `addr[1..4]` are zero.
-/// - IPv6: `family` is [`FAMILY_INET6`], `addr` holds the sixteen octets in
-///   memory order, i.e. the four words exactly as sock_ops' `remote_ip6`
-///   gives them.
-/// - `port` is in host byte order, in the low 16 bits.
+/// Canonical form, which every side must produce:
+/// - An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack
+///   listener reports for an IPv4 peer) counts as IPv4: mux's own socket for
+///   the same connection may well be IPv4.
+/// - IPv4: `family` is [`FAMILY_INET`], word 0 of each address holds it in
+///   network byte order (its four octets in memory order), words 1-3 are 0.
+/// - IPv6: `family` is [`FAMILY_INET6`], the sixteen octets in memory order,
+///   i.e. the four words exactly as the kernel's `*_ip6` fields give them.
+/// - Ports in host byte order, in the low 16 bits.
 ///
-/// 32 bytes, alignment 8, no padding.
+/// 56 bytes, alignment 8, no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Endpoint {
-    /// The network namespace cookie of the socket (`SO_NETNS_COOKIE` in user
-    /// space, `bpf_get_netns_cookie` in the kernel), so that a socket in
-    /// another namespace that happens to use the same address and port (a
-    /// container's own loopback) never matches.
+pub struct Flow {
+    /// The network namespace cookie, so that a connection in another
+    /// namespace with the same addresses and ports (a container's own
+    /// loopback) never matches.
     pub netns_cookie: u64,
-    /// The address, see the type's documentation for the canonical form.
-    pub addr: [u32; 4],
-    /// The TCP port, host byte order.
-    pub port: u32,
     /// [`FAMILY_INET`] or [`FAMILY_INET6`].
     pub family: u32,
+    /// mux's port (the source port of its connection to the backend).
+    pub local_port: u32,
+    /// The backend's port.
+    pub remote_port: u32,
+    /// Explicit padding so that every byte of the key is a field; must be 0.
+    pub _pad: u32,
+    /// mux's address.
+    pub local_addr: [u32; 4],
+    /// The backend's address.
+    pub remote_addr: [u32; 4],
 }
 
-/// What to do with a captured connection: the value of [`MAP_CAPTURE`].
+/// What user space publishes for one outgoing socket before it connects:
+/// the value of [`MAP_PENDING`], keyed by the socket's cookie. The sock_ops
+/// program fills in `flow` and sets `connected` when the socket connects, so
+/// that user space can find (and delete) the [`MAP_FLOWS`] entry even if the
+/// connection failed half-way.
 ///
-/// The two keys are ids user space assigns per connection; they are the
-/// [`MAP_SOCKS`] keys of the connection's two sockets. Distinct connections
-/// must use distinct keys, and 0 is as good a key as any other (the map does
-/// not treat it specially).
+/// 88 bytes, alignment 8, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Pending {
+    /// [`MAP_SOCKS`] key for the backend's socket.
+    pub backend_key: u64,
+    /// [`MAP_SOCKS`] key for mux's client socket.
+    pub client_key: u64,
+    /// The client socket's cookie: its [`MAP_CLIENTS`] key.
+    pub client_cookie: u64,
+    /// Written by sock_ops when the socket connects.
+    pub flow: Flow,
+    /// 1 once `flow` is valid and in [`MAP_FLOWS`].
+    pub connected: u32,
+    /// Explicit padding; must be 0.
+    pub _pad: u32,
+}
+
+/// One connection on the kernel path: the value of [`MAP_FLOWS`]. Written
+/// by the kernel programs in place (sk_msg under the backend socket's lock,
+/// so its updates never race each other); user space reads it when the
+/// connection ends.
 ///
-/// 24 bytes, alignment 8, no padding.
+/// 48 bytes, alignment 8, no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Capture {
     /// Key under which the sock_ops program inserts the backend's accepted
     /// socket (the server, e.g. sshd, that accepted mux's connection).
     pub backend_key: u64,
-    /// Key under which user space inserts mux's accepted client socket. The
-    /// sock_ops program does not read it; the sk_msg program (next step)
-    /// redirects the backend's sends to this socket's egress.
+    /// Key under which user space inserted mux's accepted client socket; the
+    /// sk_msg program redirects the backend's sends to its egress.
     pub client_key: u64,
-    /// `CAPTURE_*` bits; no bit is defined yet, so this is 0 today. Reserved
-    /// for the redirect programs (e.g. which directions to splice).
-    pub flags: u32,
-    /// Explicit padding so that every byte of the value is a field; must be 0.
+    /// The client socket's [`MAP_CLIENTS`] key.
+    pub client_cookie: u64,
+    /// Bytes the sk_msg program moved from the backend to the client.
+    pub down_bytes: u64,
+    /// Bytes sk_msg let take the normal path (through mux) since the
+    /// connection started; the kernel path resumes only once mux has
+    /// delivered all of them ([`Client::delivered`]), so that no redirected
+    /// byte overtakes them.
+    pub passed_bytes: u64,
+    /// Set to 1 by the sock_ops program once the backend's socket is in
+    /// [`MAP_SOCKS`]; 0 means the kernel never took this connection over.
+    pub captured: u32,
+    /// 1 while the backend's sends take the normal path (see
+    /// [`REDIRECT_WINDOW`]).
+    pub spilling: u32,
+}
+
+/// A client socket on the kernel path: the value of [`MAP_CLIENTS`], by
+/// socket cookie.
+///
+/// 16 bytes, alignment 8, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Client {
+    /// Bytes the client acknowledged, as of the last ACK the kernel timed
+    /// (written by the sock_ops program; never ahead of the truth).
+    pub acked: u64,
+    /// Bytes mux itself wrote to the client (what the backend sent the
+    /// normal way), written by user space.
+    pub delivered: u64,
+}
+
+/// Key of [`MAP_LISTEN`]: a listening port in a network namespace.
+///
+/// 16 bytes, alignment 8, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub port: u32,
+    /// Explicit padding; must be 0.
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 32);
-const _: () = assert!(core::mem::align_of::<Endpoint>() == 8);
-const _: () = assert!(core::mem::size_of::<Capture>() == 24);
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+const _: () = assert!(core::mem::align_of::<Flow>() == 8);
+const _: () = assert!(core::mem::size_of::<Pending>() == 88);
+const _: () = assert!(core::mem::size_of::<Capture>() == 48);
+const _: () = assert!(core::mem::size_of::<Client>() == 16);
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 16);
 const _: () = assert!(core::mem::align_of::<Capture>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
     use core::net::{IpAddr, SocketAddr};
 
-    use super::{Capture, Endpoint, FAMILY_INET, FAMILY_INET6};
+    use super::{Capture, Client, FAMILY_INET, FAMILY_INET6, Flow, ListenKey, Pending};
 
-    // SAFETY: both are #[repr(C)], made only of integers, with no padding
+    // SAFETY: all are #[repr(C)], made only of integers, with no padding
     // (checked by the size assertions above), so every byte pattern is valid.
-    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for Capture {}
+    unsafe impl aya::Pod for Client {}
+    unsafe impl aya::Pod for ListenKey {}
 
-    impl Endpoint {
-        /// The canonical endpoint for `addr` in the network namespace whose
-        /// cookie is `netns_cookie`. An IPv4-mapped IPv6 address becomes
-        /// IPv4, as the sock_ops program does, because the two ends of one
-        /// connection may disagree on the family (a dual-stack backend sees
-        /// `::ffff:a.b.c.d` where mux's IPv4 socket sees `a.b.c.d`).
-        pub fn new(netns_cookie: u64, addr: SocketAddr) -> Self {
-            let ip = match addr.ip() {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-                v4 @ IpAddr::V4(_) => v4,
-            };
-            let (family, addr_words) = match ip {
-                IpAddr::V4(v4) => (FAMILY_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
-                IpAddr::V6(v6) => {
-                    let o = v6.octets();
-                    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    (FAMILY_INET6, [word(0), word(4), word(8), word(12)])
-                }
-            };
-            Self {
-                netns_cookie,
-                addr: addr_words,
-                port: u32::from(addr.port()),
-                family,
+    /// An address in canonical form: (family, words); see [`Flow`].
+    fn canonical(ip: IpAddr) -> (u32, [u32; 4]) {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => (FAMILY_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+            IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (FAMILY_INET6, [word(0), word(4), word(8), word(12)])
             }
         }
     }
 
-    impl Capture {
-        /// A capture with both keys and no flags.
-        pub const fn new(backend_key: u64, client_key: u64) -> Self {
+    impl Flow {
+        /// The canonical flow of a connection from mux's `local` address to
+        /// the backend's `remote` one, in the namespace `netns_cookie`.
+        pub fn new(netns_cookie: u64, local: SocketAddr, remote: SocketAddr) -> Self {
+            let (family, local_addr) = canonical(local.ip());
+            let (_, remote_addr) = canonical(remote.ip());
+            Self {
+                netns_cookie,
+                family,
+                local_port: u32::from(local.port()),
+                remote_port: u32::from(remote.port()),
+                _pad: 0,
+                local_addr,
+                remote_addr,
+            }
+        }
+    }
+
+    impl Pending {
+        /// A pending socket whose connection will use these keys, for the
+        /// client socket whose cookie is `client_cookie`.
+        pub const fn new(backend_key: u64, client_key: u64, client_cookie: u64) -> Self {
             Self {
                 backend_key,
                 client_key,
-                flags: 0,
+                client_cookie,
+                flow: Flow {
+                    netns_cookie: 0,
+                    family: 0,
+                    local_port: 0,
+                    remote_port: 0,
+                    _pad: 0,
+                    local_addr: [0; 4],
+                    remote_addr: [0; 4],
+                },
+                connected: 0,
                 _pad: 0,
             }
         }
@@ -176,26 +300,38 @@ mod user {
 
         #[test]
         fn ipv4_is_network_order_in_first_word() {
-            let e = Endpoint::new(7, SocketAddr::from((Ipv4Addr::new(127, 0, 0, 1), 2222)));
-            assert_eq!(e.family, FAMILY_INET);
-            assert_eq!(e.addr, [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]);
-            assert_eq!(e.port, 2222);
-            assert_eq!(e.netns_cookie, 7);
+            let local = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 1), 40000));
+            let remote = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 22));
+            let f = Flow::new(7, local, remote);
+            assert_eq!(f.family, FAMILY_INET);
+            assert_eq!(f.local_addr, [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]);
+            assert_eq!(f.remote_addr, [u32::from_ne_bytes([127, 0, 0, 2]), 0, 0, 0]);
+            assert_eq!((f.local_port, f.remote_port), (40000, 22));
+            assert_eq!(f.netns_cookie, 7);
         }
 
         #[test]
         fn v4_mapped_becomes_ipv4() {
-            let mapped = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped();
-            let m = Endpoint::new(1, SocketAddr::V6(SocketAddrV6::new(mapped, 80, 0, 0)));
-            let v4 = Endpoint::new(1, SocketAddr::from((Ipv4Addr::LOCALHOST, 80)));
+            let mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
+            let m = Flow::new(
+                1,
+                SocketAddr::V6(SocketAddrV6::new(mapped, 80, 0, 0)),
+                SocketAddr::V6(SocketAddrV6::new(mapped, 22, 0, 0)),
+            );
+            let v4 = Flow::new(
+                1,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 80)),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 22)),
+            );
             assert_eq!(m, v4);
         }
 
         #[test]
         fn ipv6_words_in_memory_order() {
-            let e = Endpoint::new(1, SocketAddr::from((Ipv6Addr::LOCALHOST, 443)));
-            assert_eq!(e.family, FAMILY_INET6);
-            assert_eq!(e.addr, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+            let lo = SocketAddr::from((Ipv6Addr::LOCALHOST, 443));
+            let f = Flow::new(1, lo, lo);
+            assert_eq!(f.family, FAMILY_INET6);
+            assert_eq!(f.local_addr, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
         }
     }
 }

@@ -6,7 +6,9 @@
 #![no_std]
 #![no_main]
 
+mod flow;
 mod maps;
+mod sk_msg;
 mod sock_ops;
 
 // A BPF program cannot unwind or abort: the verifier would reject any path

@@ -13,15 +13,33 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use mux_common::{
-    Capture, Endpoint, MAP_CAPTURE_SIZE, MAP_SOCKS_SIZE, MAP_SOCKS_VALUE_SIZE, MAP_STATS_SIZE,
+    Capture, Client, Flow, ListenKey, MAP_LISTEN_SIZE, MAP_SOCKS_SIZE, MAP_SOCKS_VALUE_SIZE,
+    MAP_STATS_SIZE, MAX_CONNECTIONS, Pending,
 };
 
-/// mux's outgoing sockets, by local endpoint, published by user space before
-/// it connects to a backend. The sock_ops program looks the backend's peer
-/// up here: a hit means "this accepted socket is the other end of mux's
-/// connection", a miss means "not ours, do not touch".
+/// mux's outgoing sockets, by socket cookie, published by user space before
+/// it connects to a backend. The sock_ops program recognises them when they
+/// connect and records their flow; nothing else on the machine matches.
 #[map]
-pub static MUX_CAPTURE: HashMap<Endpoint, Capture> = HashMap::with_max_entries(MAP_CAPTURE_SIZE, 0);
+pub static MUX_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The connections the kernel may take over, by flow (mux's end first),
+/// filled by sock_ops when a pending socket connects. A lookup from the
+/// backend's side is how the programs tell "the other end of mux's
+/// connection" from every other socket.
+#[map]
+pub static MUX_FLOWS: HashMap<Flow, Capture> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The client sockets of connections on the kernel path, by socket cookie:
+/// how far each client has acknowledged (kept by sock_ops) and how much mux
+/// wrote to it itself (kept by user space), for sk_msg's bound.
+#[map]
+pub static MUX_CLIENTS: HashMap<u64, Client> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// mux's listening ports: their accepted sockets get ACK callbacks so that
+/// `MUX_CLIENTS` learns what each client acknowledged.
+#[map]
+pub static MUX_LISTEN: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAP_LISTEN_SIZE, 0);
 
 /// The sockets whose traffic the kernel moves, under the keys chosen by user
 /// space (`Capture::backend_key`, `Capture::client_key`). The kernel drops a

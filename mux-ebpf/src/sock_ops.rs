@@ -1,107 +1,159 @@
-//! `mux_sock_ops`: puts the backend's end of mux's connection in `MUX_SOCKS`.
+//! `mux_sock_ops`: recognises mux's connections to local backends and puts
+//! the backend's end of each into `MUX_SOCKS`.
 //!
 //! Attached to the cgroup v2 root, this runs for every TCP socket event on
 //! the machine, so it must be cheap and must leave everything that is not
-//! mux's alone. On `BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB` (a server — sshd, a
-//! web server — just completed the handshake of a connection it will
-//! accept) it builds the peer's endpoint and looks it up in `MUX_CAPTURE`.
-//! Only a peer that user space published (mux's own outgoing socket) is a
-//! hit; the socket is then inserted into `MUX_SOCKS` under
-//! `Capture::backend_key`. Doing this here, instead of from user space,
-//! is the point: the backend's socket belongs to another process, so mux
-//! has no file descriptor for it.
+//! mux's alone. Two callbacks matter:
+//! - `TCP_CONNECT_CB` on mux's outgoing socket, just before its SYN leaves:
+//!   if user space published the socket's cookie in `MUX_PENDING`, the now
+//!   known 4-tuple goes into `MUX_FLOWS` (and back into the pending entry,
+//!   so that user space can clean up whatever happens next).
+//! - `PASSIVE_ESTABLISHED_CB` on the backend's side (sshd, a web server)
+//!   when the handshake completes, before the backend can accept or send:
+//!   if its flow is in `MUX_FLOWS`, the socket goes into `MUX_SOCKS`. Doing
+//!   this here is the point: that socket belongs to another process, so mux
+//!   has no file descriptor for it. The same callback on a socket accepted
+//!   by one of mux's listeners (`MUX_LISTEN`) asks for RTT callbacks.
+//! - `RTT_CB` on those client sockets, at each timed ACK: records how far
+//!   the client acknowledged, for sk_msg's bound (`REDIRECT_WINDOW`).
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
-    helpers::bpf_get_netns_cookie,
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mux_common::{Endpoint, FAMILY_INET, FAMILY_INET6, STAT_CAPTURED, STAT_INSERT_FAILED};
+use mux_common::{Capture, ListenKey, STAT_CAPTURED, STAT_FLOW_FAILED, STAT_INSERT_FAILED};
 
-use crate::maps::{MUX_CAPTURE, MUX_SOCKS, bump};
+use crate::{
+    flow::{Side, SockFields, flow, read_words},
+    maps::{MUX_CLIENTS, MUX_FLOWS, MUX_LISTEN, MUX_PENDING, MUX_SOCKS, bump},
+};
 
 /// The function name is the program name user space loads; it must not be
 /// `sockops`, the section the macro puts it in, or linking fails.
 #[sock_ops]
 pub fn mux_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        on_passive_established(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
+        _ => {}
     }
     // sock_ops programs return 1 ("ok"); the value does not affect the socket
-    // for this callback.
+    // for these callbacks.
     1
 }
 
 #[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: the helper accepts the sock_ops context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(pending) = MUX_PENDING.get_ptr_mut(&cookie) else {
+        return;
+    };
+    let Some(flow) = flow(&fields(ctx), Side::Mux) else {
+        return;
+    };
+    // SAFETY: a successful lookup's pointer stays valid for this run; user
+    // space does not touch the entry until the connection is over.
+    let capture = unsafe {
+        Capture {
+            backend_key: (*pending).backend_key,
+            client_key: (*pending).client_key,
+            client_cookie: (*pending).client_cookie,
+            down_bytes: 0,
+            passed_bytes: 0,
+            captured: 0,
+            spilling: 0,
+        }
+    };
+    if MUX_FLOWS
+        .insert(&flow, &capture, u64::from(BPF_ANY))
+        .is_err()
+    {
+        bump(STAT_FLOW_FAILED);
+        return;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*pending).flow = flow;
+        (*pending).connected = 1;
+    }
+}
+
+#[inline(always)]
 fn on_passive_established(ctx: &SockOpsContext) {
-    let Some(peer) = peer(ctx) else {
+    let fields = fields(ctx);
+    let listen = ListenKey {
+        netns_cookie: fields.netns_cookie,
+        port: fields.local_port,
+        _pad: 0,
+    };
+    // SAFETY: the value is not used, only its presence.
+    if unsafe { MUX_LISTEN.get(&listen) }.is_some() {
+        // A client of mux: have the kernel call back at its ACKs. Failing
+        // leaves `acked` at 0, which only keeps the connection off the
+        // kernel path sooner.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        return;
+    }
+    let Some(flow) = flow(&fields, Side::Backend) else {
         return;
     };
-    // SAFETY: the value is copied out at once; user space only ever replaces
-    // whole entries for endpoints that are not connected yet, so no torn
-    // read can concern the connection being established here.
-    let Some(capture) = (unsafe { MUX_CAPTURE.get(peer) }) else {
+    let Some(capture) = MUX_FLOWS.get_ptr_mut(&flow) else {
         return;
     };
-    let key: u64 = capture.backend_key;
+    // SAFETY: a successful lookup's pointer stays valid for this run; user
+    // space only deletes the entry after the connection ended.
+    let key: u64 = unsafe { (*capture).backend_key };
     match MUX_SOCKS.update(key, ctx.ops, u64::from(BPF_ANY)) {
-        Ok(()) => bump(STAT_CAPTURED),
+        Ok(()) => {
+            // SAFETY: as above; read by user space when the connection ends.
+            unsafe { (*capture).captured = 1 };
+            bump(STAT_CAPTURED);
+        }
         Err(_) => bump(STAT_INSERT_FAILED),
     }
 }
 
-/// The canonical `Endpoint` of the socket's peer (see mux-common), or `None`
-/// for a family other than IPv4/IPv6.
 #[inline(always)]
-fn peer(ctx: &SockOpsContext) -> Option<Endpoint> {
-    let family = ctx.family();
-    let mut addr = [0u32; 4];
-    let family = if family == FAMILY_INET {
-        addr[0] = ctx.remote_ip4();
-        FAMILY_INET
-    } else if family == FAMILY_INET6 {
-        let ip6 = remote_ip6(ctx);
-        // A dual-stack (IPv6) listener reports an IPv4 peer as
-        // ::ffff:a.b.c.d; canonicalise it to IPv4 as user space does, since
-        // mux's own socket for the same connection may well be IPv4.
-        if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffff_u32.to_be() {
-            addr[0] = ip6[3];
-            FAMILY_INET
-        } else {
-            addr = ip6;
-            FAMILY_INET6
-        }
-    } else {
-        return None;
+fn on_rtt(ctx: &SockOpsContext) {
+    // SAFETY: the helper accepts the sock_ops context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(client) = MUX_CLIENTS.get_ptr_mut(&cookie) else {
+        return;
     };
-    Some(Endpoint {
-        // SAFETY: the helper accepts the sock_ops context pointer.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        addr,
-        // The kernel gives remote_port in network order in a u32 (the port
-        // sits in the high half on little-endian), unlike local_port.
-        port: u32::from_be(ctx.remote_port()),
-        family,
-    })
+    // SAFETY: the context field is readable for this callback, and the map
+    // value pointer is valid for this run. A plain store: only this callback
+    // writes `acked`, under the client socket's lock.
+    unsafe { (*client).acked = (*ctx.ops).bytes_acked };
 }
 
-/// `remote_ip6` read one 32-bit word at a time: the verifier only accepts
-/// 4-byte loads from these context fields, and a plain array copy may be
-/// merged by LLVM into 8-byte loads.
+/// The socket's addresses and namespace.
 #[inline(always)]
-fn remote_ip6(ctx: &SockOpsContext) -> [u32; 4] {
+fn fields(ctx: &SockOpsContext) -> SockFields {
     // SAFETY: `ctx.ops` is the valid context pointer for this run; raw
     // field addresses avoid creating references to kernel-rewritten memory.
-    unsafe {
-        let words = &raw const (*ctx.ops).remote_ip6;
-        let first = words.cast::<u32>();
-        [
-            core::ptr::read_volatile(first),
-            core::ptr::read_volatile(first.add(1)),
-            core::ptr::read_volatile(first.add(2)),
-            core::ptr::read_volatile(first.add(3)),
-        ]
+    let (local_ip6, remote_ip6) = unsafe {
+        (
+            read_words((&raw const (*ctx.ops).local_ip6).cast()),
+            read_words((&raw const (*ctx.ops).remote_ip6).cast()),
+        )
+    };
+    SockFields {
+        family: ctx.family(),
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_ip6,
+        remote_ip6,
+        local_port: ctx.local_port(),
+        remote_port: ctx.remote_port(),
+        // SAFETY: the helper accepts the sock_ops context pointer.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     }
 }

@@ -13,7 +13,7 @@ use tokio::time::timeout_at;
 use crate::classify::{Found, MAX_CLASSIFY_BYTES, Protocol};
 use crate::config::Config;
 use crate::datapath::{DataPath, Relayed};
-use crate::route::{Backend, Decision, Route};
+use crate::route::{Decision, Route};
 
 /// What every connection task shares.
 pub struct Shared {
@@ -80,7 +80,11 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         None => "silent".to_string(),
     };
 
-    let mut backend = match connect(&route.backend, shared.config.connect_timeout).await {
+    let mut backend = match shared
+        .datapath
+        .connect(&client, &route.backend, shared.config.connect_timeout)
+        .await
+    {
         Ok(b) => b,
         Err(e) => {
             log::warn!(
@@ -97,28 +101,37 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     // Interactive protocols (SSH keystrokes, token streams) must not wait for
     // Nagle; bulk transfers are unaffected since they fill segments anyway.
     let _ = client.set_nodelay(true);
-    let _ = backend.set_nodelay(true);
+    let _ = backend.stream.set_nodelay(true);
 
-    let mut relayed = Relayed::default();
-    match backend.write_all(&prefix).await {
+    let (relayed, datapath) = match backend.stream.write_all(&prefix).await {
         Ok(()) => {
-            relayed = shared.datapath.relay(&client, &backend).await;
+            let (mut relayed, datapath) = shared.datapath.relay(&client, backend).await;
             relayed.up += prefix.len() as u64;
+            (relayed, datapath)
         }
-        Err(e) => relayed.error = Some(e),
-    }
+        Err(e) => (
+            Relayed {
+                error: Some(e),
+                ..Relayed::default()
+            },
+            "none",
+        ),
+    };
+    let spilled = match relayed.spilled {
+        Some(n) => format!(" spilled={n}"),
+        None => String::new(),
+    };
     let ended = match &relayed.error {
         None => String::new(),
         Some(e) => format!(" ended by: {e}"),
     };
     log::info!(
-        "{peer} {protocol} route={} backend={} up={} down={} {:.3}s datapath={}{ended}",
+        "{peer} {protocol} route={} backend={} up={} down={} {:.3}s datapath={datapath}{spilled}{ended}",
         route.name,
         route.backend,
         relayed.up,
         relayed.down,
         started.elapsed().as_secs_f64(),
-        shared.datapath.name(),
     );
 }
 
@@ -174,29 +187,6 @@ async fn classify(
                 return Ok((len, Classified::NoMatch { why }));
             }
         }
-    }
-}
-
-/// Resolves the backend now (names may move) and tries each address in turn.
-async fn connect(backend: &Backend, limit: Duration) -> io::Result<TcpStream> {
-    let attempt = async {
-        let mut last_error = None;
-        for addr in tokio::net::lookup_host(backend.as_str()).await? {
-            match TcpStream::connect(addr).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
-        }))
-    };
-    match tokio::time::timeout(limit, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {limit:?}"),
-        )),
     }
 }
 

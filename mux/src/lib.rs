@@ -23,7 +23,7 @@ pub use server::Server;
 /// process set-up of the binary (privileges, pid file, signals).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (datapath, why) = datapath::DataPath::select(config.datapath)?;
-    log::info!("datapath: {why}");
+    log::info!("datapath {why}");
     let server = Server::bind(connection::Shared { config, datapath }).await?;
     server.serve(shutdown).await;
     Ok(())

@@ -61,7 +61,7 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         .context("starting the runtime")?;
     runtime.block_on(async {
         let (datapath, why) = DataPath::select(config.datapath)?;
-        log::info!("datapath: {why}");
+        log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
         let server = Server::bind(Shared { config, datapath }).await?;
         for addr in server.local_addrs() {

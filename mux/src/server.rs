@@ -11,6 +11,7 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::connection::{self, Shared};
+use crate::datapath::DataPath;
 
 /// Listeners bound and ready; nothing accepted yet. Splitting bind from serve
 /// lets the caller drop privileges in between, as sslh does.
@@ -27,6 +28,11 @@ pub enum BindError {
     Empty { addr: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("listening on {addr}: registering the port with the kernel path")]
+    Kernel {
+        addr: SocketAddr,
+        source: crate::ebpf::EbpfError,
+    },
 }
 
 impl Server {
@@ -45,6 +51,11 @@ impl Server {
             }
             for a in resolved {
                 let listener = listen(a).map_err(|source| BindError::Bind { addr: a, source })?;
+                if let DataPath::Kernel(kernel) = &shared.datapath {
+                    kernel
+                        .listen(&listener)
+                        .map_err(|source| BindError::Kernel { addr: a, source })?;
+                }
                 listeners.push(listener);
             }
         }

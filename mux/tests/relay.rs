@@ -58,85 +58,23 @@ async fn one_gib_each_way_keeps_its_sha256_on_copy() {
     gib_each_way("copy").await;
 }
 
-/// The client sends its request and shuts its write side; the backend reads
-/// to EOF, only then answers (1 MiB) and closes. The client gets it all.
-async fn client_half_close(datapath: &str) {
-    let backend = backend(|mut s| async move {
-        let mut request = Vec::new();
-        s.read_to_end(&mut request).await.unwrap();
-        let answer = format!("{}:{}", request.len(), sha256(&request));
-        s.write_all(answer.as_bytes()).await.unwrap();
-        let mut filler = vec![0u8; 1 << 20];
-        Stream::new(5).fill(&mut filler);
-        s.write_all(&filler).await.unwrap();
-    })
-    .await;
-    let mux = Mux::with_config(&config(
-        &format!("datapath = \"{datapath}\""),
-        &[("any", "any", backend)],
-    ))
-    .unwrap();
-    let request = b"half-close request: the answer comes only after my FIN".repeat(1000);
-    let out = exchange(mux.addr, &request, true).await.unwrap();
-    let expect = format!("{}:{}", request.len(), sha256(&request));
-    assert!(
-        out.starts_with(expect.as_bytes()),
-        "answer head: {:?}",
-        String::from_utf8_lossy(&out[..out.len().min(80)])
-    );
-    assert_eq!(out.len(), expect.len() + (1 << 20));
-}
-
-/// The backend speaks first and shuts its write side at once; the client,
-/// having seen EOF, still sends, and the backend still receives all of it.
-async fn backend_half_close(datapath: &str) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = backend(move |mut s| {
-        let tx = tx.clone();
-        async move {
-            s.write_all(b"bye\n").await.unwrap();
-            s.shutdown().await.unwrap();
-            let _ = tx.send(read_hash(&mut s).await);
-        }
-    })
-    .await;
-    let mux = Mux::with_config(&config(
-        &format!("datapath = \"{datapath}\""),
-        &[("ssh", "ssh", backend)],
-    ))
-    .unwrap();
-    let mut s = TcpStream::connect(mux.addr).await.unwrap();
-    let mut payload = b"SSH-2.0-client\r\n".to_vec();
-    s.write_all(&payload).await.unwrap();
-    let mut greeting = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(greeting, b"bye\n");
-    let mut more = vec![0u8; 4 << 20];
-    Stream::new(6).fill(&mut more);
-    s.write_all(&more).await.unwrap();
-    s.shutdown().await.unwrap();
-    payload.extend_from_slice(&more);
-    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, (payload.len() as u64, sha256(&payload)));
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn half_close_by_the_client_keeps_the_whole_answer() {
     for dp in ["splice", "copy"] {
-        client_half_close(dp).await;
+        client_half_close(|routes| {
+            Mux::with_config(&config(&format!("datapath = \"{dp}\""), routes)).unwrap()
+        })
+        .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn half_close_by_the_backend_keeps_the_client_sending() {
     for dp in ["splice", "copy"] {
-        backend_half_close(dp).await;
+        backend_half_close(|routes| {
+            Mux::with_config(&config(&format!("datapath = \"{dp}\""), routes)).unwrap()
+        })
+        .await;
     }
 }
 

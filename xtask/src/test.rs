@@ -183,7 +183,15 @@ fn fuzz_command(root: &std::path::Path) -> Result<Command, String> {
         .env("AYA_BUILD_SKIP", "1")
         // The first directory collects new inputs; the committed seeds (real
         // ClientHellos, requests, banners) start the fuzzer deep in each probe.
-        .args(["+nightly", "fuzz", "run", "classify", "fuzz/corpus/classify", "fuzz/seeds/classify", "--"])
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "classify",
+            "fuzz/corpus/classify",
+            "fuzz/seeds/classify",
+            "--",
+        ])
         .arg(format!("-max_total_time={FUZZ_SECONDS}"))
         .arg("-rss_limit_mb=4096");
     Ok(cmd)

@@ -7,14 +7,20 @@
 //! has taken.
 
 mod copy;
+mod ebpf;
 mod splice;
 
 use std::io;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+pub use self::ebpf::{Kernel, Lease};
 use crate::config::DataPathKind;
+use crate::ebpf::EbpfError;
+use crate::route::Backend;
 
 /// What a relay moved before it ended, and why it ended early if it did.
 #[derive(Debug, Default)]
@@ -23,62 +29,143 @@ pub struct Relayed {
     pub up: u64,
     /// Backend to client.
     pub down: u64,
+    /// On the kernel path: how many of the `down` bytes took the normal
+    /// path through mux to keep the client's queue bounded.
+    pub spilled: Option<u64>,
     pub error: Option<io::Error>,
 }
 
-/// The user-space data paths. The kernel path plugs in beside them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a connection's bytes move once it is classified.
+#[derive(Debug, Clone)]
 pub enum DataPath {
     Splice,
     Copy,
+    /// The kernel moves a local backend's sends to the client; everything
+    /// else (the upload direction, remote backends) is spliced.
+    Kernel(Arc<Kernel>),
+}
+
+/// A connected backend, and the kernel's part in it if it has one.
+pub struct Connected {
+    pub stream: TcpStream,
+    lease: Option<Lease>,
 }
 
 impl DataPath {
-    /// The path to use for a configured kind, and why, for the start-up log.
-    pub fn select(kind: DataPathKind) -> Result<(DataPath, &'static str), DataPathError> {
+    /// The path for a configured kind, and why, for the start-up log.
+    /// `auto` takes the kernel path when the programs load, else splice.
+    pub fn select(kind: DataPathKind) -> Result<(DataPath, String), DataPathError> {
         match kind {
-            DataPathKind::Auto => Ok((DataPath::Splice, "auto: splice(2) through a pipe")),
-            DataPathKind::Splice => {
-                Ok((DataPath::Splice, "splice(2) through a pipe, as configured"))
+            // Not the kernel path, even where it loads: with the bound that
+            // keeps it safe for every backend it measured slower than
+            // splice(2) on bulk downloads (see the README), and auto must
+            // never pick a slower path.
+            DataPathKind::Auto => Ok((
+                DataPath::Splice,
+                "auto: splice(2) through a pipe (the kernel path is opt-in: datapath = \"ebpf\")"
+                    .into(),
+            )),
+            DataPathKind::Ebpf => {
+                let kernel = Kernel::load().map_err(DataPathError::Ebpf)?;
+                Ok((
+                    DataPath::Kernel(Arc::new(kernel)),
+                    "ebpf: kernel path, as configured".into(),
+                ))
             }
-            DataPathKind::Copy => Ok((DataPath::Copy, "read/write copy, as configured")),
-            DataPathKind::Ebpf => Err(DataPathError::EbpfUnavailable),
+            DataPathKind::Splice => Ok((
+                DataPath::Splice,
+                "splice(2) through a pipe, as configured".into(),
+            )),
+            DataPathKind::Copy => Ok((DataPath::Copy, "read/write copy, as configured".into())),
         }
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            DataPath::Splice => "splice",
-            DataPath::Copy => "copy",
-        }
-    }
-
-    /// Moves bytes between `client` and `backend` until both directions are
-    /// done or one fails. Returns what was moved either way.
-    pub async fn relay(self, client: &TcpStream, backend: &TcpStream) -> Relayed {
-        let mut r = Relayed::default();
-        let result = match self {
-            DataPath::Splice => match splice::Pipes::new() {
-                Ok(mut pipes) => {
-                    let (a, b) = pipes.halves();
-                    tokio::try_join!(
-                        pump(client, backend, a, &mut r.up),
-                        pump(backend, client, b, &mut r.down)
-                    )
+    /// Resolves the backend now (names may move) and connects to the first
+    /// address that answers within `limit`, the way this path needs.
+    pub async fn connect(
+        &self,
+        client: &TcpStream,
+        backend: &Backend,
+        limit: Duration,
+    ) -> io::Result<Connected> {
+        let attempt = async {
+            let mut last_error = None;
+            for addr in tokio::net::lookup_host(backend.as_str()).await? {
+                let dialed = match self {
+                    DataPath::Kernel(kernel) => kernel.dial(client, addr).await,
+                    DataPath::Splice | DataPath::Copy => {
+                        TcpStream::connect(addr).await.map(|s| (s, None))
+                    }
+                };
+                match dialed {
+                    Ok((stream, lease)) => return Ok(Connected { stream, lease }),
+                    Err(e) => last_error = Some(e),
                 }
-                Err(e) => {
-                    // Out of fds or pipe memory: this pair still deserves
-                    // service, just without the pipe.
-                    log::warn!(
-                        "splice: cannot create pipes ({e}); copying this connection instead"
-                    );
-                    copy_pair(client, backend, &mut r).await
-                }
-            },
-            DataPath::Copy => copy_pair(client, backend, &mut r).await,
+            }
+            Err(last_error.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
+            }))
         };
-        r.error = result.err();
-        r
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?}"),
+            )),
+        }
+    }
+
+    /// Moves bytes between `client` and the backend until both directions
+    /// are done or one fails. Returns what was moved either way, and the
+    /// name of the path that moved it.
+    pub async fn relay(&self, client: &TcpStream, backend: Connected) -> (Relayed, &'static str) {
+        let mut r = Relayed::default();
+        let name = match self {
+            DataPath::Copy => {
+                r.error = copy_pair(client, &backend.stream, &mut r).await.err();
+                "copy"
+            }
+            DataPath::Splice | DataPath::Kernel(_) => {
+                // On the kernel path the backend-to-client pump normally sees
+                // only the backend's FIN (its bytes went to the client in
+                // the kernel); it still carries anything sent before the
+                // capture, and everything for a backend the kernel did not
+                // take.
+                r.error = splice_pair(client, &backend.stream, &mut r).await.err();
+                "splice"
+            }
+        };
+        match backend.lease.map(Lease::finish) {
+            Some(w) if w.captured => {
+                log::debug!("kernel path: {w:?}");
+                r.down += w.down_bytes;
+                r.spilled = Some(w.spilled_bytes);
+                (r, "ebpf")
+            }
+            _ => (r, name),
+        }
+    }
+}
+
+async fn splice_pair(
+    client: &TcpStream,
+    backend: &TcpStream,
+    r: &mut Relayed,
+) -> io::Result<((), ())> {
+    match splice::Pipes::new() {
+        Ok(mut pipes) => {
+            let (a, b) = pipes.halves();
+            tokio::try_join!(
+                pump(client, backend, a, &mut r.up),
+                pump(backend, client, b, &mut r.down)
+            )
+        }
+        Err(e) => {
+            // Out of fds or pipe memory: this pair still deserves service,
+            // just without the pipe.
+            log::warn!("splice: cannot create pipes ({e}); copying this connection instead");
+            copy_pair(client, backend, r).await
+        }
     }
 }
 
@@ -95,10 +182,8 @@ async fn copy_pair(
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataPathError {
-    #[error(
-        "datapath = \"ebpf\": the kernel data path is not part of this build yet; use auto, splice or copy"
-    )]
-    EbpfUnavailable,
+    #[error("datapath = \"ebpf\" but the kernel path cannot start")]
+    Ebpf(#[source] EbpfError),
 }
 
 /// One way of holding bytes between reading them from one socket and writing

@@ -4,19 +4,20 @@
 //! as long as the [`KernelPrograms`] value, so a crashed or stopped mux
 //! leaves nothing behind in the kernel.
 
-use std::{fs::File, path::PathBuf};
+use std::{fs::File, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, SockOps},
+    maps::{Map, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, SkMsg, SockOps},
     util::KernelVersion,
 };
 use mux_common::{
-    Capture, Endpoint, MAP_CAPTURE, MAP_SOCKS, MAP_SOCKS_VALUE_SIZE, MAP_STATS, PROG_SOCK_OPS,
+    Capture, Client, Flow, ListenKey, MAP_CLIENTS, MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS,
+    MAP_SOCKS_VALUE_SIZE, MAP_STATS, PROG_SK_MSG, PROG_SOCK_OPS, Pending,
 };
 
-use super::{EbpfError, cgroup::cgroup2_mount};
+use super::{EbpfError, cgroup::cgroup2_mount, sys};
 
 /// The object built by mux/build.rs from mux-ebpf, aligned as aya requires.
 /// Empty when the build ran with `AYA_BUILD_SKIP=1`.
@@ -35,11 +36,21 @@ pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 /// fd unloads it. The privileged test checks that the program id and its
 /// link disappear from the kernel after the drop.
 ///
-/// Map operations take `&mut self` because aya's map handles do; they are
-/// single syscalls, so callers sharing one value can put it behind a
-/// `std::sync::Mutex`.
+/// The sk_msg program is attached to `MUX_SOCKS` itself; that attachment
+/// lives as long as the map, so it goes away with the value too.
+///
+/// Map operations take `&self` (each is one syscall), so connection tasks
+/// share one value behind an `Arc`.
 pub struct KernelPrograms {
-    pub(super) capture: HashMap<MapData, Endpoint, Capture>,
+    /// `MUX_PENDING` (socket cookie -> `Pending`) and `MUX_FLOWS` (`Flow` ->
+    /// `Capture`), used through `sys`, which needs only `&self`; their sizes
+    /// are checked at load.
+    pub(super) pending: MapData,
+    pub(super) flows: MapData,
+    /// `MUX_CLIENTS` (client socket cookie -> `Client`) and `MUX_LISTEN`
+    /// (`ListenKey` -> u32), likewise.
+    pub(super) clients: MapData,
+    pub(super) listen: MapData,
     /// `MUX_SOCKS`, used through raw syscalls (see `sys`): aya's `SockHash`
     /// only accepts 4-byte values.
     pub(super) socks: MapData,
@@ -94,14 +105,38 @@ impl KernelPrograms {
         let _link = sock_ops
             .attach(&cgroup_dir, attach_mode())
             .map_err(program_error)?;
-        let program_ids = vec![sock_ops.info().map_err(program_error)?.id()];
+        let mut program_ids = vec![sock_ops.info().map_err(program_error)?.id()];
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(EbpfError::Missing { kind: "map", name })
         };
         let map_error = |name: &'static str| move |source| EbpfError::Map { name, source };
-        let capture = HashMap::try_from(take(MAP_CAPTURE)?).map_err(map_error(MAP_CAPTURE))?;
+        let hash_map = |data: Map, name: &'static str| match data {
+            Map::HashMap(data) => Ok(data),
+            _ => Err(EbpfError::Missing {
+                kind: "hash map",
+                name,
+            }),
+        };
+        let pending = hash_map(take(MAP_PENDING)?, MAP_PENDING)?;
+        check_sizes(
+            &pending,
+            MAP_PENDING,
+            size_of::<u64>(),
+            size_of::<Pending>(),
+        )?;
+        let flows = hash_map(take(MAP_FLOWS)?, MAP_FLOWS)?;
+        check_sizes(&flows, MAP_FLOWS, size_of::<Flow>(), size_of::<Capture>())?;
+        let clients = hash_map(take(MAP_CLIENTS)?, MAP_CLIENTS)?;
+        check_sizes(&clients, MAP_CLIENTS, size_of::<u64>(), size_of::<Client>())?;
+        let listen = hash_map(take(MAP_LISTEN)?, MAP_LISTEN)?;
+        check_sizes(
+            &listen,
+            MAP_LISTEN,
+            size_of::<ListenKey>(),
+            size_of::<u32>(),
+        )?;
         let socks = match take(MAP_SOCKS)? {
             Map::SockHash(data) => data,
             _ => {
@@ -111,22 +146,43 @@ impl KernelPrograms {
                 });
             }
         };
-        // The raw accessors read and write 8-byte values: make sure the map
-        // really has them rather than let the kernel write past a buffer.
-        let value_size = socks.info().map_err(map_error(MAP_SOCKS))?.value_size();
-        if value_size != MAP_SOCKS_VALUE_SIZE {
-            return Err(EbpfError::Map {
-                name: MAP_SOCKS,
-                source: aya::maps::MapError::InvalidValueSize {
-                    size: MAP_SOCKS_VALUE_SIZE as usize,
-                    expected: value_size as usize,
-                },
-            });
-        }
+        check_sizes(
+            &socks,
+            MAP_SOCKS,
+            size_of::<u64>(),
+            MAP_SOCKS_VALUE_SIZE as usize,
+        )?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_error(MAP_STATS))?;
 
+        let sk_msg_error = |source| EbpfError::Program {
+            name: PROG_SK_MSG,
+            source,
+        };
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut(PROG_SK_MSG)
+            .ok_or(EbpfError::Missing {
+                kind: "program",
+                name: PROG_SK_MSG,
+            })?
+            .try_into()
+            .map_err(sk_msg_error)?;
+        sk_msg.load().map_err(sk_msg_error)?;
+        // Through the raw syscall: aya only attaches sk_msg to a map handle
+        // of its own SockHash type, which cannot hold MUX_SOCKS (see `sys`).
+        let program_fd = sk_msg.fd().map_err(sk_msg_error)?;
+        sys::attach_sk_msg(socks.fd().as_fd(), program_fd.as_fd()).map_err(|source| {
+            EbpfError::Program {
+                name: PROG_SK_MSG,
+                source: aya::programs::ProgramError::IOError(source),
+            }
+        })?;
+        program_ids.push(sk_msg.info().map_err(sk_msg_error)?.id());
+
         Ok(Self {
-            capture,
+            pending,
+            flows,
+            clients,
+            listen,
             socks,
             stats,
             program_ids,
@@ -145,6 +201,31 @@ impl KernelPrograms {
     pub fn cgroup(&self) -> &std::path::Path {
         &self.cgroup
     }
+}
+
+/// The raw accessors read and write keys and values of these sizes: make
+/// sure the map really has them rather than let the kernel write past a
+/// buffer (only a mux/mux-ebpf build mix-up could cause a mismatch).
+fn check_sizes(
+    map: &MapData,
+    name: &'static str,
+    key: usize,
+    value: usize,
+) -> Result<(), EbpfError> {
+    let info = map
+        .info()
+        .map_err(|source| EbpfError::Map { name, source })?;
+    let mismatch = |size, expected| EbpfError::Map {
+        name,
+        source: aya::maps::MapError::InvalidValueSize { size, expected },
+    };
+    if info.key_size() as usize != key {
+        return Err(mismatch(key, info.key_size() as usize));
+    }
+    if info.value_size() as usize != value {
+        return Err(mismatch(value, info.value_size() as usize));
+    }
+    Ok(())
 }
 
 /// The attach mode that shares the cgroup with other programs.

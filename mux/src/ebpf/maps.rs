@@ -1,4 +1,7 @@
 //! Typed access to the maps the kernel programs share with user space.
+//!
+//! Every operation is one `bpf(2)` call through a shared reference, so the
+//! connection tasks can share one [`KernelPrograms`] behind an `Arc`.
 
 use std::{
     io,
@@ -7,8 +10,9 @@ use std::{
 
 use aya::maps::MapError;
 use mux_common::{
-    Capture, Endpoint, MAP_CAPTURE, MAP_SOCKS, MAP_SOCKS_SIZE, MAP_STATS, STAT_CAPTURED,
-    STAT_INSERT_FAILED,
+    Capture, Client, Flow, ListenKey, MAP_CLIENTS, MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS,
+    MAP_SOCKS_SIZE, MAP_STATS, MAX_CONNECTIONS, Pending, STAT_CAPTURED, STAT_FLOW_FAILED,
+    STAT_INSERT_FAILED, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED,
 };
 
 use super::{EbpfError, KernelPrograms, sys};
@@ -18,58 +22,155 @@ use super::{EbpfError, KernelPrograms, sys};
 pub struct Stats {
     /// Backend sockets the sock_ops program inserted into `MUX_SOCKS`.
     pub captured: u64,
-    /// Published peers whose backend socket could not be inserted.
+    /// Published connections whose backend socket could not be inserted.
     pub insert_failed: u64,
+    /// Published sockets that connected but whose flow could not be recorded.
+    pub flow_failed: u64,
+    /// Backend sends the sk_msg program redirected to a client socket.
+    pub redirected: u64,
+    /// Backend sends whose client socket had already left `MUX_SOCKS`.
+    pub redirect_failed: u64,
+    /// Backend sends that took the normal path to keep the client's queue
+    /// bounded (see `mux_common::REDIRECT_WINDOW`).
+    pub spilled: u64,
+}
+
+/// What the kernel did for one connection, read when it is withdrawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Withdrawn {
+    /// The outgoing socket connected and its flow was recorded.
+    pub connected: bool,
+    /// The backend's socket went into `MUX_SOCKS`: its sends were the
+    /// kernel's to move.
+    pub captured: bool,
+    /// Bytes the kernel moved from the backend to the client.
+    pub down_bytes: u64,
+    /// Bytes of the backend's that went the normal way, through mux, to
+    /// keep the client's queue bounded.
+    pub spilled_bytes: u64,
+    /// Bytes the client had acknowledged as far as the kernel last saw.
+    pub client_acked: u64,
 }
 
 /// `BPF_ANY`: create or replace.
 const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only.
+const BPF_NOEXIST: u64 = 1;
 
 impl KernelPrograms {
-    /// Publishes mux's outgoing socket (its local `endpoint`, see
-    /// [`super::endpoint_of`]) so that the backend's end of the connection is
-    /// put into `MUX_SOCKS` under `capture.backend_key` when the backend
-    /// accepts. Call it before `connect`. Replaces an existing entry.
-    pub fn capture(&mut self, endpoint: &Endpoint, capture: Capture) -> Result<(), EbpfError> {
-        self.capture
-            .insert(endpoint, capture, BPF_ANY)
-            .map_err(|source| EbpfError::Map {
-                name: MAP_CAPTURE,
-                source,
-            })
+    /// Publishes mux's outgoing socket, by its cookie (see
+    /// [`super::socket_cookie`]), before it connects: the backend's end of
+    /// the connection will go into `MUX_SOCKS` under `pending.backend_key`,
+    /// and its sends to the socket under `pending.client_key`.
+    /// The client socket (cookie `pending.client_cookie`) must be in
+    /// `MUX_SOCKS` under `pending.client_key` already, and mux must not have
+    /// written to it yet: the bound on what the client has outstanding
+    /// counts from zero.
+    pub fn publish(&self, cookie: u64, pending: Pending) -> Result<(), EbpfError> {
+        sys::put(
+            self.clients.fd().as_fd(),
+            &pending.client_cookie,
+            &Client::default(),
+            BPF_NOEXIST,
+        )
+        .map_err(map_error(MAP_CLIENTS))?;
+        sys::put(self.pending.fd().as_fd(), &cookie, &pending, BPF_NOEXIST).map_err(|e| {
+            let _ = sys::remove(self.clients.fd().as_fd(), &pending.client_cookie);
+            map_error(MAP_PENDING)(e)
+        })
     }
 
-    /// Withdraws a published endpoint. Returns whether it was there. Call it
-    /// when the connection ends (the entry must not outlive it: a later,
-    /// unrelated connection could reuse the port).
-    pub fn forget(&mut self, endpoint: &Endpoint) -> Result<bool, EbpfError> {
-        match self.capture.remove(endpoint) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(err) if is_errno(&err, libc::ENOENT) => Ok(false),
-            Err(source) => Err(EbpfError::Map {
-                name: MAP_CAPTURE,
-                source,
-            }),
-        }
+    /// Tells the kernel that mux itself has now written `total` bytes to the
+    /// client socket `client_cookie` (what the backend sent the normal way).
+    /// Read-modify-write: a concurrent ACK update may be lost, which only
+    /// makes the kernel's estimate of the client's queue larger (safe).
+    pub fn delivered(&self, client_cookie: u64, total: u64) -> Result<(), EbpfError> {
+        let clients = self.clients.fd().as_fd();
+        let mut client: Client = sys::get(clients, &client_cookie)
+            .map_err(map_error(MAP_CLIENTS))?
+            .unwrap_or_default();
+        client.delivered = total;
+        sys::put(clients, &client_cookie, &client, BPF_ANY).map_err(map_error(MAP_CLIENTS))
     }
 
-    /// The published capture for `endpoint`, if any.
-    pub fn captured(&self, endpoint: &Endpoint) -> Result<Option<Capture>, EbpfError> {
-        match self.capture.get(endpoint, 0) {
-            Ok(capture) => Ok(Some(capture)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(EbpfError::Map {
-                name: MAP_CAPTURE,
-                source,
-            }),
+    /// Registers one of mux's listening ports (in the namespace
+    /// `netns_cookie`), so that the kernel tracks what its clients
+    /// acknowledge. Call it before accepting.
+    pub fn listen(&self, netns_cookie: u64, port: u16) -> Result<(), EbpfError> {
+        let key = ListenKey {
+            netns_cookie,
+            port: u32::from(port),
+            _pad: 0,
+        };
+        sys::put(self.listen.fd().as_fd(), &key, &1u32, BPF_ANY).map_err(map_error(MAP_LISTEN))
+    }
+
+    /// Ends a published connection: reads what the kernel did, then deletes
+    /// its entries (the pending socket, its flow, and both sockets' keys).
+    /// `None` if `cookie` was not published. Call it when the connection is
+    /// over, whether it connected or not: nothing else cleans up.
+    pub fn withdraw(&self, cookie: u64) -> Result<Option<Withdrawn>, EbpfError> {
+        let pending_map = self.pending.fd().as_fd();
+        let Some(pending) =
+            sys::get::<u64, Pending>(pending_map, &cookie).map_err(map_error(MAP_PENDING))?
+        else {
+            return Ok(None);
+        };
+        let mut outcome = Withdrawn::default();
+        if pending.connected != 0 {
+            outcome.connected = true;
+            let flows = self.flows.fd().as_fd();
+            if let Some(capture) =
+                sys::get::<Flow, Capture>(flows, &pending.flow).map_err(map_error(MAP_FLOWS))?
+            {
+                outcome.captured = capture.captured != 0;
+                outcome.down_bytes = capture.down_bytes;
+                outcome.spilled_bytes = capture.passed_bytes;
+            }
+            sys::remove(flows, &pending.flow).map_err(map_error(MAP_FLOWS))?;
         }
+        self.remove_socket(pending.backend_key)?;
+        self.remove_socket(pending.client_key)?;
+        if let Some(client) = self.client(pending.client_cookie)? {
+            outcome.client_acked = client.acked;
+        }
+        sys::remove(self.clients.fd().as_fd(), &pending.client_cookie)
+            .map_err(map_error(MAP_CLIENTS))?;
+        sys::remove(pending_map, &cookie).map_err(map_error(MAP_PENDING))?;
+        Ok(Some(outcome))
+    }
+
+    /// The pending entry for `cookie` as the kernel left it, if any.
+    pub fn pending(&self, cookie: u64) -> Result<Option<Pending>, EbpfError> {
+        sys::get(self.pending.fd().as_fd(), &cookie).map_err(map_error(MAP_PENDING))
+    }
+
+    /// The capture recorded for `flow`, if any.
+    pub fn flow(&self, flow: &Flow) -> Result<Option<Capture>, EbpfError> {
+        sys::get(self.flows.fd().as_fd(), flow).map_err(map_error(MAP_FLOWS))
+    }
+
+    /// How many entries `MUX_PENDING`, `MUX_FLOWS` and `MUX_CLIENTS` hold
+    /// (diagnostics and tests: it walks the maps).
+    pub fn connection_entries(&self) -> Result<(usize, usize, usize), EbpfError> {
+        let pending: Vec<u64> = sys::keys(self.pending.fd().as_fd(), MAX_CONNECTIONS)
+            .map_err(map_error(MAP_PENDING))?;
+        let flows: Vec<Flow> =
+            sys::keys(self.flows.fd().as_fd(), MAX_CONNECTIONS).map_err(map_error(MAP_FLOWS))?;
+        let clients: Vec<u64> = sys::keys(self.clients.fd().as_fd(), MAX_CONNECTIONS)
+            .map_err(map_error(MAP_CLIENTS))?;
+        Ok((pending.len(), flows.len(), clients.len()))
+    }
+
+    /// The client entry for `client_cookie`, if any.
+    pub fn client(&self, client_cookie: u64) -> Result<Option<Client>, EbpfError> {
+        sys::get(self.clients.fd().as_fd(), &client_cookie).map_err(map_error(MAP_CLIENTS))
     }
 
     /// The cookie of the socket `MUX_SOCKS` holds under `key`, if any (the
     /// kernel's `SO_COOKIE`, so user space can tell which socket it is).
     pub fn socket_cookie(&self, key: u64) -> Result<Option<u64>, EbpfError> {
-        sys::lookup(self.socks.fd().as_fd(), key).map_err(socks_error)
+        sys::get(self.socks.fd().as_fd(), &key).map_err(map_error(MAP_SOCKS))
     }
 
     /// Whether `MUX_SOCKS` holds a socket under `key`.
@@ -80,24 +181,27 @@ impl KernelPrograms {
     /// Every key in `MUX_SOCKS`, sorted (diagnostics and tests: it walks the
     /// whole map, one syscall per key).
     pub fn socket_keys(&self) -> Result<Vec<u64>, EbpfError> {
-        sys::keys(self.socks.fd().as_fd(), MAP_SOCKS_SIZE).map_err(socks_error)
+        let mut keys: Vec<u64> =
+            sys::keys(self.socks.fd().as_fd(), MAP_SOCKS_SIZE).map_err(map_error(MAP_SOCKS))?;
+        keys.sort_unstable();
+        Ok(keys)
     }
 
     /// Puts one of mux's own sockets (the accepted client socket) into
     /// `MUX_SOCKS` under `key`, replacing any socket there. The socket must
     /// be an established TCP socket. The kernel removes it by itself when
     /// the socket closes.
-    pub fn insert_socket(&mut self, key: u64, socket: impl AsFd) -> Result<(), EbpfError> {
+    pub fn insert_socket(&self, key: u64, socket: impl AsFd) -> Result<(), EbpfError> {
         let fd = socket.as_fd().as_raw_fd();
         let fd = u64::try_from(fd)
-            .map_err(|_| socks_error(io::Error::from_raw_os_error(libc::EBADF)))?;
-        sys::update(self.socks.fd().as_fd(), key, fd, BPF_ANY).map_err(socks_error)
+            .map_err(|_| map_error(MAP_SOCKS)(io::Error::from_raw_os_error(libc::EBADF)))?;
+        sys::put(self.socks.fd().as_fd(), &key, &fd, BPF_ANY).map_err(map_error(MAP_SOCKS))
     }
 
     /// Removes the socket under `key` from `MUX_SOCKS`, if any; returns
     /// whether one was there.
-    pub fn remove_socket(&mut self, key: u64) -> Result<bool, EbpfError> {
-        sys::delete(self.socks.fd().as_fd(), key).map_err(socks_error)
+    pub fn remove_socket(&self, key: u64) -> Result<bool, EbpfError> {
+        sys::remove(self.socks.fd().as_fd(), &key).map_err(map_error(MAP_SOCKS))
     }
 
     /// The kernel programs' counters, summed over CPUs.
@@ -112,18 +216,17 @@ impl KernelPrograms {
         Ok(Stats {
             captured: sum(STAT_CAPTURED)?,
             insert_failed: sum(STAT_INSERT_FAILED)?,
+            flow_failed: sum(STAT_FLOW_FAILED)?,
+            redirected: sum(STAT_REDIRECTED)?,
+            redirect_failed: sum(STAT_REDIRECT_FAILED)?,
+            spilled: sum(STAT_SPILLED)?,
         })
     }
 }
 
-fn socks_error(err: io::Error) -> EbpfError {
-    EbpfError::Map {
-        name: MAP_SOCKS,
+fn map_error(name: &'static str) -> impl Fn(io::Error) -> EbpfError {
+    move |err| EbpfError::Map {
+        name,
         source: MapError::IoError(err),
     }
-}
-
-/// Whether `err` is a failed syscall with errno `errno`.
-fn is_errno(err: &MapError, errno: i32) -> bool {
-    matches!(err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(errno))
 }

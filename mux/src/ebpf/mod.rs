@@ -1,14 +1,17 @@
 //! mux's kernel side, seen from user space: load and attach the eBPF
 //! programs built from mux-ebpf, and publish connections to their maps.
 //!
-//! The flow for one spliced connection: mux binds its outgoing socket to a
-//! concrete local address and port, publishes that endpoint with
-//! [`KernelPrograms::capture`], then connects to the backend. When the
-//! backend accepts, the kernel's sock_ops program recognises mux's endpoint
-//! as the peer and puts the backend's socket into `MUX_SOCKS` under
-//! `Capture::backend_key`, something user space cannot do itself (that
-//! socket belongs to another process). Everything else on the machine is
-//! left alone: only published endpoints match.
+//! The flow for one connection to a local backend: mux puts its client
+//! socket into `MUX_SOCKS` ([`KernelPrograms::insert_socket`]), publishes its
+//! not yet connected outgoing socket by cookie ([`KernelPrograms::publish`]),
+//! then connects. The sock_ops program records the connection's 4-tuple when
+//! the SYN leaves, and when the backend's side completes the handshake it
+//! puts the backend's socket into `MUX_SOCKS`, something user space cannot
+//! do (that socket belongs to another process). From the backend's first
+//! send on, the sk_msg program hands its bytes to the client socket. When
+//! the connection ends, [`KernelPrograms::withdraw`] reads what the kernel
+//! counted and removes every trace. Everything else on the machine is left
+//! alone: only published sockets match.
 
 mod cgroup;
 mod loader;
@@ -24,7 +27,8 @@ use std::{
 pub use cgroup::{cgroup2_mount, cgroup2_mount_in};
 pub use loader::KernelPrograms;
 pub use maps::Stats;
-pub use mux_common::{Capture, Endpoint};
+pub use maps::Withdrawn;
+pub use mux_common::{CLIENT_SNDBUF, Capture, Client, Flow, Pending, REDIRECT_WINDOW};
 
 /// Everything that can go wrong between mux and its kernel programs.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,7 @@ pub fn probe_support() -> Result<(), EbpfError> {
         ))),
     };
     program(ProgramType::SockOps)?;
+    program(ProgramType::SkMsg)?;
     map(MapType::Hash)?;
     map(MapType::SockHash)?;
     map(MapType::PerCpuArray)?;
@@ -124,7 +129,7 @@ pub fn probe_support() -> Result<(), EbpfError> {
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The network-namespace cookie of `socket`'s namespace (see
-/// [`Endpoint::netns_cookie`]).
+/// [`Flow::netns_cookie`]).
 pub fn netns_cookie(socket: impl AsFd) -> Result<u64, EbpfError> {
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
@@ -148,34 +153,64 @@ pub fn netns_cookie(socket: impl AsFd) -> Result<u64, EbpfError> {
     Ok(cookie)
 }
 
-/// The [`Endpoint`] to publish for mux's outgoing `socket`: its bound local
-/// address and port plus its namespace cookie.
-///
-/// Call it after binding and before connecting, and bind to a concrete
-/// address (the one the backend will see, e.g. 127.0.0.1 for a loopback
-/// backend): the sock_ops program fires during the handshake, inside
-/// `connect`, and matches the exact address, never a wildcard (a wildcard
-/// would also match unrelated peers using the same port). Leave
-/// `SO_REUSEADDR`/`SO_REUSEPORT` off that socket, so that no other socket
-/// can bind the same address and port and pass for mux's.
-pub fn endpoint_of(socket: impl AsFd) -> Result<Endpoint, EbpfError> {
-    let fd = socket.as_fd();
-    let local = rustix::net::getsockname(fd).map_err(|err| EbpfError::Socket {
-        what: "getsockname",
+/// The kernel's cookie for `socket` (`SO_COOKIE`): a 64-bit id, unique for
+/// the life of the system, that the programs read with
+/// `bpf_get_socket_cookie`. Any socket has one, connected or not.
+pub fn socket_cookie(socket: impl AsFd) -> Result<u64, EbpfError> {
+    rustix::net::sockopt::socket_cookie(socket).map_err(|err| EbpfError::Socket {
+        what: "getsockopt(SO_COOKIE)",
         source: err.into(),
-    })?;
-    let local = std::net::SocketAddr::try_from(local).map_err(|err| EbpfError::Socket {
-        what: "getsockname (not an IP socket)",
-        source: err.into(),
-    })?;
-    if local.ip().is_unspecified() || local.port() == 0 {
-        return Err(EbpfError::Socket {
-            what: "endpoint_of",
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("socket is bound to {local}: bind it to a concrete address and port"),
-            ),
-        });
+    })
+}
+
+/// How many entries each of mux's maps holds in process `pid` (found
+/// through its open map fds in `/proc/PID/fdinfo`), by map name. For
+/// diagnostics and tests: after every connection has ended, the connection
+/// maps of a running mux must be empty.
+pub fn map_entries_of(pid: u32) -> Result<std::collections::BTreeMap<String, usize>, EbpfError> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
+    let io_error = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| EbpfError::Io {
+            what: "reading",
+            path,
+            source,
+        }
+    };
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).map_err(io_error(&dir))? {
+        let path = entry.map_err(io_error(&dir))?.path();
+        // A descriptor may close between listing and reading: skip it.
+        let Ok(info) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            if let Ok(id) = id.trim().parse::<u32>() {
+                ids.insert(id);
+            }
+        }
     }
-    Ok(Endpoint::new(netns_cookie(fd)?, local))
+    let mut counts = std::collections::BTreeMap::new();
+    for id in ids {
+        let map = aya::maps::MapData::from_id(id).map_err(|source| EbpfError::Map {
+            name: "by id",
+            source,
+        })?;
+        let info = map.info().map_err(|source| EbpfError::Map {
+            name: "by id",
+            source,
+        })?;
+        let name = info.name_as_str().unwrap_or("?").to_string();
+        let count = sys::count_keys(
+            map.fd().as_fd(),
+            info.key_size() as usize,
+            info.max_entries(),
+        )
+        .map_err(|err| EbpfError::Map {
+            name: "by id",
+            source: aya::maps::MapError::IoError(err),
+        })?;
+        counts.insert(name, count);
+    }
+    Ok(counts)
 }

@@ -1,7 +1,8 @@
-//! Raw `bpf(2)` element commands for `MUX_SOCKS`, the one map aya cannot
-//! type: aya's `SockHash` insists on 4-byte values, and with those the
-//! kernel answers no lookup (see `mux_common::MAP_SOCKS_VALUE_SIZE`). Keys
-//! and values of that map are both `u64`, so these helpers are not generic.
+//! Raw `bpf(2)` commands: map elements through a shared reference (aya's
+//! handles want `&mut self`, yet every connection task needs the maps), the
+//! one map aya cannot type (`MUX_SOCKS`: aya's `SockHash` insists on 4-byte
+//! values, and with those the kernel answers no lookup, see
+//! `mux_common::MAP_SOCKS_VALUE_SIZE`), and attaching sk_msg to it.
 
 use std::{
     io,
@@ -13,6 +14,9 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+/// enum bpf_attach_type in <linux/bpf.h>.
+const BPF_SK_MSG_VERDICT: u32 = 7;
 
 /// The part of `union bpf_attr` the `BPF_MAP_*_ELEM` commands read: `key`,
 /// `value` (or `next_key`) are user pointers. Passing exactly this size is
@@ -34,15 +38,20 @@ fn bpf(cmd: libc::c_long, map: BorrowedFd<'_>, key: u64, value: u64, flags: u64)
         value,
         flags,
     };
+    syscall(cmd, &mut attr)
+}
+
+/// `bpf(cmd, attr, sizeof attr)`.
+fn syscall<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix whose size
     // is passed along; the pointers in it are valid for the call (callers
-    // pass addresses of live locals of the sizes the map was created with).
+    // pass addresses of live values of the sizes the map was created with).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            (&raw mut attr).cast::<libc::c_void>(),
-            size_of::<ElemAttr>() as libc::c_long,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            size_of::<A>() as libc::c_long,
         )
     };
     if rc < 0 {
@@ -52,66 +61,132 @@ fn bpf(cmd: libc::c_long, map: BorrowedFd<'_>, key: u64, value: u64, flags: u64)
     }
 }
 
-fn is_enoent(err: &io::Error) -> bool {
-    err.raw_os_error() == Some(libc::ENOENT)
+/// Attaches an sk_msg program to a sockmap or sockhash. The attachment
+/// lives as long as the map: nothing to detach by hand.
+pub(super) fn attach_sk_msg(map: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct AttachAttr {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        replace_bpf_fd: u32,
+    }
+    let mut attr = AttachAttr {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: BPF_SK_MSG_VERDICT,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+    };
+    syscall(BPF_PROG_ATTACH, &mut attr)
 }
 
-/// The value under `key` (for a sockhash: the socket's cookie), if any.
-pub(super) fn lookup(map: BorrowedFd<'_>, key: u64) -> io::Result<Option<u64>> {
-    let mut value: u64 = 0;
+/// The value under `key` of a map whose keys are `K` and values `V`.
+pub(super) fn get<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
     match bpf(
         BPF_MAP_LOOKUP_ELEM,
         map,
-        (&raw const key) as u64,
-        (&raw mut value) as u64,
+        std::ptr::from_ref(key) as u64,
+        value.as_mut_ptr() as u64,
         0,
     ) {
-        Ok(()) => Ok(Some(value)),
+        // SAFETY: the kernel filled all `size_of::<V>()` bytes (the map's
+        // value size, checked at load), and any bytes are a valid Pod.
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
         Err(err) if is_enoent(&err) => Ok(None),
         Err(err) => Err(err),
     }
 }
 
-/// Stores `value` (for a sockhash: a socket fd) under `key`.
-pub(super) fn update(map: BorrowedFd<'_>, key: u64, value: u64, flags: u64) -> io::Result<()> {
+/// Stores `value` under `key`.
+pub(super) fn put<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
     bpf(
         BPF_MAP_UPDATE_ELEM,
         map,
-        (&raw const key) as u64,
-        (&raw const value) as u64,
+        std::ptr::from_ref(key) as u64,
+        std::ptr::from_ref(value) as u64,
         flags,
     )
 }
 
 /// Deletes `key`; `false` if it was not there.
-pub(super) fn delete(map: BorrowedFd<'_>, key: u64) -> io::Result<bool> {
-    match bpf(BPF_MAP_DELETE_ELEM, map, (&raw const key) as u64, 0, 0) {
+pub(super) fn remove<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
+    match bpf(
+        BPF_MAP_DELETE_ELEM,
+        map,
+        std::ptr::from_ref(key) as u64,
+        0,
+        0,
+    ) {
         Ok(()) => Ok(true),
         Err(err) if is_enoent(&err) => Ok(false),
         Err(err) => Err(err),
     }
 }
 
-/// Every key of the map (one syscall per key), sorted. The walk is not
+fn is_enoent(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::ENOENT)
+}
+
+/// Every key of the map (one syscall per key), each once. The walk is not
 /// atomic: when the key it stands on is deleted meanwhile (a socket closing)
 /// the kernel restarts from the first key, hence the bound of `max_entries`
-/// steps and the final de-duplication.
-pub(super) fn keys(map: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<u64>> {
-    let mut keys = Vec::new();
-    let mut next: u64 = 0;
+/// steps and the de-duplication.
+pub(super) fn keys<K: aya::Pod + Eq + std::hash::Hash>(
+    map: BorrowedFd<'_>,
+    max_entries: u32,
+) -> io::Result<Vec<K>> {
+    let mut keys: Vec<K> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut next = std::mem::MaybeUninit::<K>::zeroed();
     for _ in 0..=max_entries {
         // A null key asks for the first one.
-        let key = match keys.last() {
-            Some(last) => last as *const u64 as u64,
-            None => 0,
-        };
-        match bpf(BPF_MAP_GET_NEXT_KEY, map, key, (&raw mut next) as u64, 0) {
-            Ok(()) => keys.push(next),
+        let key = keys
+            .last()
+            .map_or(0, |last| std::ptr::from_ref(last) as u64);
+        match bpf(BPF_MAP_GET_NEXT_KEY, map, key, next.as_mut_ptr() as u64, 0) {
+            // SAFETY: the kernel wrote a whole key; any bytes are a valid Pod.
+            Ok(()) => {
+                let k = unsafe { next.assume_init() };
+                if seen.insert(k) {
+                    keys.push(k);
+                } else {
+                    // Restarted from the first key: everything after was seen.
+                    break;
+                }
+            }
             Err(err) if is_enoent(&err) => break,
             Err(err) => return Err(err),
         }
     }
-    keys.sort_unstable();
-    keys.dedup();
     Ok(keys)
+}
+
+/// How many keys a map of `key_size`-byte keys holds (one syscall per key;
+/// the same restart caveat as [`keys`]).
+pub(super) fn count_keys(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    max_entries: u32,
+) -> io::Result<usize> {
+    let mut seen = std::collections::HashSet::new();
+    let mut current: Option<Vec<u8>> = None;
+    for _ in 0..=max_entries {
+        let mut next = vec![0u8; key_size];
+        let key = current.as_ref().map_or(0, |k| k.as_ptr() as u64);
+        match bpf(BPF_MAP_GET_NEXT_KEY, map, key, next.as_mut_ptr() as u64, 0) {
+            Ok(()) if seen.insert(next.clone()) => current = Some(next),
+            Ok(()) => break,
+            Err(err) if is_enoent(&err) => break,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(seen.len())
 }

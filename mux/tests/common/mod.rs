@@ -100,6 +100,22 @@ impl Mux {
         Mux::spawn(Command::new(mux_bin()).args(args))
     }
 
+    /// Runs mux on `config` under `wrapper`, a command that execs the rest
+    /// of its arguments (e.g. setpriv dropping capabilities).
+    pub fn with_config_under(wrapper: &[&str], config: &str) -> Result<Mux> {
+        let scratch = Scratch::new("mux");
+        let path = scratch.write("mux.toml", config);
+        let mut command = Command::new(wrapper[0]);
+        command
+            .args(&wrapper[1..])
+            .arg(mux_bin())
+            .arg("--config")
+            .arg(&path);
+        let mut mux = Mux::spawn(&mut command)?;
+        mux._scratch = Some(scratch);
+        Ok(mux)
+    }
+
     pub fn spawn(command: &mut Command) -> Result<Mux> {
         let mut child = command
             .env("RUST_LOG", "info,mux=debug")
@@ -358,8 +374,14 @@ impl Stream {
 /// sha256 of `len` bytes of `Stream::new(seed)` written in the same sized
 /// pieces as `write_stream`.
 pub fn stream_sha256(len: u64, seed: u64) -> String {
+    prefixed_stream_sha256(b"", len, seed)
+}
+
+/// sha256 of `prefix` followed by `len` bytes of `Stream::new(seed)`.
+pub fn prefixed_stream_sha256(prefix: &[u8], len: u64, seed: u64) -> String {
     let mut s = Stream::new(seed);
     let mut h = Sha256::new();
+    h.update(prefix);
     let mut buf = vec![0u8; 64 * 1024];
     let mut left = len;
     while left > 0 {
@@ -427,7 +449,7 @@ pub fn sha256(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -651,4 +673,65 @@ pub fn tls_server(cert: &Path, key: &Path) -> Result<(Proc, SocketAddr)> {
         .recv_timeout(Duration::from_secs(10))
         .context("s_server did not report its port")?;
     Ok((proc, addr.parse()?))
+}
+
+/// The client sends its request and shuts its write side; the backend reads
+/// to EOF, only then answers (1 MiB) and closes. The client gets it all.
+/// `start` runs mux with the given routes, the way the test wants it.
+pub async fn client_half_close(start: impl Fn(&[(&str, &str, SocketAddr)]) -> Mux) {
+    let backend = backend(|mut s| async move {
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).await.unwrap();
+        let answer = format!("{}:{}", request.len(), sha256(&request));
+        s.write_all(answer.as_bytes()).await.unwrap();
+        let mut filler = vec![0u8; 1 << 20];
+        Stream::new(5).fill(&mut filler);
+        s.write_all(&filler).await.unwrap();
+    })
+    .await;
+    let mux = start(&[("any", "any", backend)]);
+    let request = b"half-close request: the answer comes only after my FIN".repeat(1000);
+    let out = exchange(mux.addr, &request, true).await.unwrap();
+    let expect = format!("{}:{}", request.len(), sha256(&request));
+    assert!(
+        out.starts_with(expect.as_bytes()),
+        "answer head: {:?}",
+        String::from_utf8_lossy(&out[..out.len().min(80)])
+    );
+    assert_eq!(out.len(), expect.len() + (1 << 20));
+}
+
+/// The backend speaks first and shuts its write side at once; the client,
+/// having seen EOF, still sends, and the backend still receives all of it.
+pub async fn backend_half_close(start: impl Fn(&[(&str, &str, SocketAddr)]) -> Mux) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            s.write_all(b"bye\n").await.unwrap();
+            s.shutdown().await.unwrap();
+            let _ = tx.send(read_hash(&mut s).await);
+        }
+    })
+    .await;
+    let mux = start(&[("ssh", "ssh", backend)]);
+    let mut s = TcpStream::connect(mux.addr).await.unwrap();
+    let mut payload = b"SSH-2.0-client\r\n".to_vec();
+    s.write_all(&payload).await.unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, b"bye\n");
+    let mut more = vec![0u8; 4 << 20];
+    Stream::new(6).fill(&mut more);
+    s.write_all(&more).await.unwrap();
+    s.shutdown().await.unwrap();
+    payload.extend_from_slice(&more);
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, (payload.len() as u64, sha256(&payload)));
 }

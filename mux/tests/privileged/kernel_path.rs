@@ -1,0 +1,716 @@
+//! The daemon on its kernel data path, and on the splice fallback it takes
+//! when the kernel refuses the programs: integrity, hand-off timing,
+//! backpressure, half-close, failures, and leaks, each on both.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+/// How mux is started for a test.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// `datapath = "ebpf"`: the kernel path, or no start at all.
+    Kernel,
+    /// `datapath = "auto"` without CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN
+    /// and CAP_PERFMON, where the programs cannot load: mux runs on
+    /// splice(2) and must still pass everything.
+    Fallback,
+}
+
+/// Drops the capabilities eBPF needs from the bounding set of what it runs.
+const WITHOUT_BPF: [&str; 3] = [
+    "setpriv",
+    "--bounding-set",
+    "-bpf,-sys_admin,-net_admin,-perfmon",
+];
+
+impl Mode {
+    /// mux on loopback with `routes` (TOML `[[route]]` tables).
+    fn start(self, extra: &str, routes: &[(&str, &str, std::net::SocketAddr)]) -> Mux {
+        assert!(
+            can_run("root, for the kernel data path", is_root()),
+            "kernel path tests cannot be skipped here"
+        );
+        let mut mux = match self {
+            Mode::Kernel => {
+                Mux::with_config(&config(&format!("datapath = \"ebpf\"\n{extra}"), routes))
+            }
+            Mode::Fallback => {
+                assert!(can_run("setpriv", have_tool("setpriv")));
+                Mux::with_config_under(
+                    &WITHOUT_BPF,
+                    &config(&format!("datapath = \"auto\"\n{extra}"), routes),
+                )
+            }
+        }
+        .unwrap();
+        let expect = match self {
+            Mode::Kernel => "datapath ebpf: kernel path",
+            Mode::Fallback => "datapath auto: splice(2)",
+        };
+        mux.wait_log(expect, Duration::from_secs(5)).unwrap();
+        mux
+    }
+
+    /// The data path every connection's log line must name.
+    fn datapath(self) -> &'static str {
+        match self {
+            Mode::Kernel => "datapath=ebpf",
+            Mode::Fallback => "datapath=splice",
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Entries left in mux's connection maps (its sockets, pending sockets and
+/// flows); 0 when idle.
+fn connection_entries(mux: &Mux) -> usize {
+    let counts = mux::ebpf::map_entries_of(mux.pid()).unwrap();
+    ["MUX_SOCKS", "MUX_PENDING", "MUX_FLOWS", "MUX_CLIENTS"]
+        .iter()
+        .map(|name| counts.get(*name).copied().unwrap_or(0))
+        .sum()
+}
+
+/// How many connections mux has logged as ended.
+fn connection_lines(mux: &Mux) -> usize {
+    mux.logs().iter().filter(|l| l.contains(" route=")).count()
+}
+
+/// Waits (bounded) for mux's connection maps to empty.
+async fn maps_drain(mux: &Mux) -> usize {
+    let start = Instant::now();
+    loop {
+        let n = connection_entries(mux);
+        if n == 0 || start.elapsed() > Duration::from_secs(10) {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// TCP socket memory in use on the machine, in bytes (`/proc/net/sockstat`).
+fn tcp_memory() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let pages: u64 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "mem")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    pages * 4096
+}
+
+// ---- integrity -----------------------------------------------------------
+
+/// `pairs` connections at once, each sending `each` bytes both ways in
+/// random sizes with pauses; every byte checked by sha256 on both sides.
+fn integrity(mode: Mode, pairs: usize, each: u64) {
+    let rt = runtime();
+    rt.block_on(async {
+        let (backend, mut got) = hashing_backend_seeded(each).await;
+        let mux = mode.start("", &[("bulk", "ssh", backend)]);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..pairs as u64 {
+            let addr = mux.addr;
+            tasks.spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                // The seed rides in the first line so the backend can answer
+                // with the matching stream.
+                let hello = format!("SSH-2.0-pair-{i:08}\r\n");
+                s.write_all(hello.as_bytes()).await.unwrap();
+                let (mut r, mut w) = s.into_split();
+                let writer = tokio::spawn(async move {
+                    let sent = write_stream(&mut w, each, 1000 + i, true).await;
+                    w.shutdown().await.unwrap();
+                    sent
+                });
+                let got = read_hash(&mut r).await;
+                assert_eq!(writer.await.unwrap(), each);
+                assert_eq!(
+                    got,
+                    (each, stream_sha256(each, 5000 + i)),
+                    "pair {i}: backend to client"
+                );
+                (i, hello)
+            });
+        }
+        let mut hellos = std::collections::HashMap::new();
+        let all = tokio::time::timeout(Duration::from_secs(300), async {
+            while let Some(r) = tasks.join_next().await {
+                let (i, hello) = r.unwrap();
+                hellos.insert(i, hello);
+            }
+        });
+        all.await.expect("transfers did not finish in time");
+        for _ in 0..pairs {
+            let (i, len, hash) = tokio::time::timeout(Duration::from_secs(30), got.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let expect = prefixed_stream_sha256(hellos[&i].as_bytes(), each, 1000 + i);
+            assert_eq!(
+                (len, hash),
+                (each + hellos[&i].len() as u64, expect),
+                "pair {i}: client to backend"
+            );
+        }
+        assert_eq!(
+            mux.logs()
+                .iter()
+                .filter(|l| l.contains(mode.datapath()))
+                .count(),
+            pairs,
+            "{:?}",
+            mux.logs()
+        );
+    });
+}
+
+/// A backend for [`integrity`]: reads the pair number from the first line,
+/// sends `each` bytes of that pair's stream while hashing all it receives,
+/// and reports (pair, length, sha256).
+async fn hashing_backend_seeded(
+    each: u64,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, u64, String)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = backend(move |s| {
+        let tx = tx.clone();
+        async move {
+            let (mut r, mut w) = s.into_split();
+            let mut first = vec![0u8; 22];
+            r.read_exact(&mut first).await.unwrap();
+            let i: u64 = std::str::from_utf8(&first[13..21])
+                .unwrap()
+                .parse()
+                .unwrap();
+            let writer = tokio::spawn(async move {
+                write_stream(&mut w, each, 5000 + i, true).await;
+                let _ = w.shutdown().await;
+            });
+            let mut hasher = sha2::Sha256::new();
+            use sha2::Digest;
+            hasher.update(&first);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut len = first.len() as u64;
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        len += n as u64;
+                    }
+                }
+            }
+            let _ = writer.await;
+            let _ = tx.send((i, len, hex(&hasher.finalize())));
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+#[test]
+fn one_gib_each_way_keeps_its_sha256_on_the_kernel_path() {
+    integrity(Mode::Kernel, 1, 1 << 30);
+}
+
+#[test]
+fn one_gib_each_way_keeps_its_sha256_on_the_fallback() {
+    integrity(Mode::Fallback, 1, 1 << 30);
+}
+
+#[test]
+fn two_hundred_pairs_at_once_keep_their_sha256_on_the_kernel_path() {
+    // 200 pairs x 5 MiB: 1 GiB each way in all.
+    integrity(Mode::Kernel, 200, 5 << 20);
+}
+
+#[test]
+fn two_hundred_pairs_at_once_keep_their_sha256_on_the_fallback() {
+    integrity(Mode::Fallback, 200, 5 << 20);
+}
+
+// ---- backpressure --------------------------------------------------------
+
+/// The bound on bytes a slow reader may have outstanding: socket buffers on
+/// both sides of mux (Linux autotuning tops out at a few MiB each) plus a
+/// pipe. Anything unbounded blows far past it within seconds.
+const OUTSTANDING_BOUND: u64 = 32 << 20;
+
+/// A writer pushing as fast as it can against a reader taking 1 MiB/s:
+/// the writer must stall within [`OUTSTANDING_BOUND`], TCP memory must not
+/// grow past it, and once the reader speeds up every byte arrives intact.
+/// `download`: the backend writes and the client reads; else the reverse.
+fn backpressure(mode: Mode, download: bool) {
+    const TOTAL: u64 = 96 << 20;
+    let rt = runtime();
+    rt.block_on(async {
+        let written = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+        let backend_addr = backend(move |s| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(s);
+            }
+        })
+        .await;
+        let mux = mode.start("", &[("any", "any", backend_addr)]);
+        let memory_before = tcp_memory();
+        let mut client = TcpStream::connect(mux.addr).await.unwrap();
+        client.write_all(b"x").await.unwrap();
+        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut first = [0u8; 1];
+        backend.read_exact(&mut first).await.unwrap();
+        let (writer_side, mut reader_side) = if download {
+            (backend, client)
+        } else {
+            (client, backend)
+        };
+
+        let counter = written.clone();
+        let writer = tokio::spawn(async move {
+            let mut w = writer_side;
+            let mut s = Stream::new(77);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut sent = 0;
+            while sent < TOTAL {
+                let n = (TOTAL - sent).min(buf.len() as u64) as usize;
+                s.fill(&mut buf[..n]);
+                w.write_all(&buf[..n]).await.unwrap();
+                sent += n as u64;
+                counter.store(sent, Ordering::Relaxed);
+            }
+            w.shutdown().await.unwrap();
+            w
+        });
+
+        // Slow phase: 1 MiB/s for 3 s, in 64 KiB sips.
+        let mut hasher = sha2::Sha256::new();
+        use sha2::Digest;
+        let mut received = 0u64;
+        let mut sip = vec![0u8; 64 * 1024];
+        let slow_until = Instant::now() + Duration::from_secs(3);
+        let mut written_at_1s = None;
+        let mut peak_memory = 0;
+        while Instant::now() < slow_until {
+            let n = reader_side.read(&mut sip).await.unwrap();
+            hasher.update(&sip[..n]);
+            received += n as u64;
+            tokio::time::sleep(Duration::from_millis(62)).await;
+            if written_at_1s.is_none() && slow_until - Instant::now() < Duration::from_secs(2) {
+                written_at_1s = Some(written.load(Ordering::Relaxed));
+            }
+            peak_memory = peak_memory.max(tcp_memory());
+        }
+        let written_at_3s = written.load(Ordering::Relaxed);
+        let outstanding = written_at_3s - received;
+        let memory_growth = peak_memory.saturating_sub(memory_before);
+        eprintln!(
+            "{mode:?} {}: writer at 1 s {} MiB, at 3 s {} MiB, reader {} MiB, TCP memory +{} MiB",
+            if download { "download" } else { "upload" },
+            written_at_1s.unwrap_or(0) >> 20,
+            written_at_3s >> 20,
+            received >> 20,
+            memory_growth >> 20
+        );
+        assert!(
+            outstanding <= OUTSTANDING_BOUND,
+            "writer ran {} MiB ahead of a 1 MiB/s reader",
+            outstanding >> 20
+        );
+        // Stalled: between 1 s and 3 s it advanced about as much as the
+        // reader took (2 MiB), not at loopback speed.
+        let advance = written_at_3s - written_at_1s.unwrap();
+        assert!(
+            advance <= 8 << 20,
+            "writer advanced {} MiB in 2 s against a 1 MiB/s reader",
+            advance >> 20
+        );
+        assert!(
+            memory_growth <= OUTSTANDING_BOUND,
+            "TCP memory grew by {} MiB",
+            memory_growth >> 20
+        );
+
+        // Fast phase: everything arrives, nothing lost.
+        let mut buf = vec![0u8; 256 * 1024];
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let n = reader_side.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                received += n as u64;
+            }
+        })
+        .await
+        .expect("the reader sped up but the rest never came");
+        writer.await.unwrap();
+        assert_eq!(
+            (received, hex(&hasher.finalize())),
+            (TOTAL, stream_sha256(TOTAL, 77))
+        );
+    });
+}
+
+#[test]
+fn backpressure_download_on_the_kernel_path() {
+    backpressure(Mode::Kernel, true);
+}
+
+#[test]
+fn backpressure_upload_on_the_kernel_path() {
+    backpressure(Mode::Kernel, false);
+}
+
+#[test]
+fn backpressure_download_on_the_fallback() {
+    backpressure(Mode::Fallback, true);
+}
+
+#[test]
+fn backpressure_upload_on_the_fallback() {
+    backpressure(Mode::Fallback, false);
+}
+
+// ---- hand-off, half-close ------------------------------------------------
+
+/// Bytes the client sends right behind its first line, and bytes the
+/// backend sends the moment it accepts, race the hand-off to the kernel;
+/// none may be lost, duplicated or reordered. Many times, with varying
+/// gaps.
+fn bursts_around_the_handoff(mode: Mode) {
+    const ROUNDS: u64 = 300;
+    let rt = runtime();
+    rt.block_on(async {
+        // The backend greets at once, then echoes what it gets, then closes.
+        let backend = backend(|mut s| async move {
+            let mut greeting = vec![0u8; 40_000];
+            Stream::new(4242).fill(&mut greeting);
+            let (mut r, mut w) = s.split();
+            let greet = async {
+                w.write_all(&greeting).await?;
+                tokio::io::copy(&mut r, &mut w).await?;
+                w.shutdown().await
+            };
+            let _ = greet.await;
+        })
+        .await;
+        let mux = mode.start("", &[("ssh", "ssh", backend)]);
+        let mut greeting = vec![0u8; 40_000];
+        Stream::new(4242).fill(&mut greeting);
+        for round in 0..ROUNDS {
+            let mut s = TcpStream::connect(mux.addr).await.unwrap();
+            let mut sent = b"SSH-2.0-burst\r\n".to_vec();
+            let mut burst = vec![0u8; 1 + (round as usize * 977) % 30_000];
+            Stream::new(round).fill(&mut burst);
+            // The first line and the burst in one write, or with a gap that
+            // lands before, during or after the backend connect.
+            if round % 3 == 0 {
+                sent.extend_from_slice(&burst);
+                s.write_all(&sent).await.unwrap();
+            } else {
+                s.write_all(&sent).await.unwrap();
+                tokio::time::sleep(Duration::from_micros(round * 37 % 3000)).await;
+                s.write_all(&burst).await.unwrap();
+                sent.extend_from_slice(&burst);
+            }
+            // Half the rounds send their FIN at once, racing the hand-off
+            // too (a client socket past ESTABLISHED cannot enter the
+            // sockmap, so those may fall back); the others only after the
+            // greeting arrived.
+            let mut got = Vec::new();
+            if round % 2 == 1 {
+                got.resize(greeting.len(), 0);
+                s.read_exact(&mut got).await.unwrap();
+            }
+            s.shutdown().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            let mut expect = greeting.clone();
+            expect.extend_from_slice(&sent);
+            assert_eq!(got.len(), expect.len(), "round {round}: length");
+            assert!(got == expect, "round {round}: bytes differ");
+        }
+        // Each connection's line is logged once both its directions ended.
+        let start = Instant::now();
+        while connection_lines(&mux) < ROUNDS as usize && start.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(connection_lines(&mux), ROUNDS as usize);
+        let on_path = mux
+            .logs()
+            .iter()
+            .filter(|l| l.contains(mode.datapath()))
+            .count();
+        if mode == Mode::Kernel {
+            // Every round that did not run on the kernel path says why.
+            let refused = mux
+                .logs()
+                .iter()
+                .filter(|l| l.contains("kernel path not used"))
+                .count();
+            assert_eq!(on_path + refused, ROUNDS as usize, "{:#?}", mux.logs());
+            assert!(
+                on_path >= ROUNDS as usize / 2,
+                "only {on_path} of {ROUNDS} rounds on the kernel path"
+            );
+        } else {
+            assert_eq!(on_path, ROUNDS as usize);
+        }
+        assert_eq!(
+            maps_drain(&mux).await,
+            0,
+            "map entries left after {ROUNDS} connections"
+        );
+    });
+}
+
+#[test]
+fn bursts_around_the_handoff_on_the_kernel_path() {
+    bursts_around_the_handoff(Mode::Kernel);
+}
+
+#[test]
+fn bursts_around_the_handoff_on_the_fallback() {
+    bursts_around_the_handoff(Mode::Fallback);
+}
+
+#[test]
+fn half_close_both_ways_on_the_kernel_path() {
+    runtime().block_on(async {
+        client_half_close(|routes| Mode::Kernel.start("", routes)).await;
+        backend_half_close(|routes| Mode::Kernel.start("", routes)).await;
+    });
+}
+
+#[test]
+fn half_close_both_ways_on_the_fallback() {
+    runtime().block_on(async {
+        client_half_close(|routes| Mode::Fallback.start("", routes)).await;
+        backend_half_close(|routes| Mode::Fallback.start("", routes)).await;
+    });
+}
+
+// ---- failures and leaks ----------------------------------------------------
+
+/// A client, then a backend, killed in the middle of a download: the other
+/// side sees the connection close, mux serves the next one, and every map
+/// entry of the dead connections is gone.
+fn killed_mid_transfer(mode: Mode) {
+    let rt = runtime();
+    rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
+        let streamer = backend(move |s| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(s);
+            }
+        })
+        .await;
+        let mux = mode.start("", &[("any", "any", streamer)]);
+
+        // The client vanishes (reset) while the backend streams.
+        let mut client = TcpStream::connect(mux.addr).await.unwrap();
+        client.write_all(b"go").await.unwrap();
+        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            loop {
+                if backend.write_all(&chunk).await.is_err() {
+                    return true;
+                }
+            }
+        });
+        let mut sip = vec![0u8; 1 << 20];
+        client.read_exact(&mut sip).await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let saw_close = tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("backend never saw the client go");
+        assert!(saw_close.unwrap());
+
+        // The backend vanishes while the client reads.
+        let mut client = TcpStream::connect(mux.addr).await.unwrap();
+        client.write_all(b"go").await.unwrap();
+        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        backend.write_all(&vec![9u8; 300_000]).await.unwrap();
+        backend.set_zero_linger().unwrap();
+        drop(backend);
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got)).await;
+        assert!(end.is_ok(), "client never saw the backend go");
+        assert!(got.len() <= 300_000);
+
+        // mux still serves, and forgot both.
+        let mut client = TcpStream::connect(mux.addr).await.unwrap();
+        client.write_all(b"go").await.unwrap();
+        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        backend.write_all(b"still here").await.unwrap();
+        let mut answer = [0u8; 10];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"still here");
+        drop((client, backend));
+        assert_eq!(maps_drain(&mux).await, 0);
+    });
+}
+
+#[test]
+fn killed_mid_transfer_on_the_kernel_path() {
+    killed_mid_transfer(Mode::Kernel);
+}
+
+#[test]
+fn killed_mid_transfer_on_the_fallback() {
+    killed_mid_transfer(Mode::Fallback);
+}
+
+/// 10,000 short connections (connect, a line each way, close) leave every
+/// connection map of mux empty again.
+#[test]
+fn ten_thousand_short_connections_leave_the_maps_idle() {
+    let rt = runtime();
+    rt.block_on(async {
+        let backend = echo_backend().await;
+        let mux = Mode::Kernel.start("", &[("ssh", "ssh", backend)]);
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..50u32 {
+            let addr = mux.addr;
+            tasks.spawn(async move {
+                for i in 0..200u32 {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    let line = format!("SSH-2.0-short-{worker}-{i}\r\n");
+                    s.write_all(line.as_bytes()).await.unwrap();
+                    let mut echo = vec![0u8; line.len()];
+                    s.read_exact(&mut echo).await.unwrap();
+                    assert_eq!(echo, line.as_bytes());
+                }
+            });
+        }
+        tokio::time::timeout(Duration::from_secs(240), async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await
+        .expect("10,000 connections did not finish in time");
+        assert_eq!(
+            maps_drain(&mux).await,
+            0,
+            "map entries left: {:?}",
+            mux::ebpf::map_entries_of(mux.pid())
+        );
+        let kernel = mux
+            .logs()
+            .iter()
+            .filter(|l| l.contains("datapath=ebpf"))
+            .count();
+        assert_eq!(kernel, 10_000, "every connection on the kernel path");
+    });
+}
+
+// ---- real peers -----------------------------------------------------------
+
+/// A real sshd session and a real HTTP exchange (curl) through the kernel
+/// path, which must really carry them.
+#[test]
+fn sshd_and_curl_through_the_kernel_path() {
+    assert!(can_run(
+        "sshd, ssh, curl",
+        have_tool("sshd") && have_tool("ssh") && have_tool("curl")
+    ));
+    let rt = runtime();
+    let sshd = Sshd::start().unwrap();
+    let web = rt.block_on(http_backend("web"));
+    let mut mux = Mode::Kernel.start("", &[("ssh", "ssh", sshd.addr), ("web", "http", web)]);
+    let (status, out, err) = run(
+        std::process::Command::new("ssh")
+            .args(sshd.ssh_args(mux.addr.port()))
+            .arg("head -c 3000000 /dev/zero | sha256sum"),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(status.success(), "ssh: {err}");
+    assert!(out.starts_with(&stream_of_zeros_sha256(3_000_000)), "{out}");
+    let line = mux.wait_log("route=ssh", Duration::from_secs(5)).unwrap();
+    assert!(line.contains("datapath=ebpf"), "{line}");
+    let (status, out, err) = run(
+        std::process::Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{}/kernel", mux.addr),
+        ]),
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    assert!(status.success(), "curl: {err}");
+    assert_eq!(out, "web /kernel\n");
+    let line = mux.wait_log("route=web", Duration::from_secs(5)).unwrap();
+    assert!(line.contains("datapath=ebpf"), "{line}");
+}
+
+fn stream_of_zeros_sha256(n: usize) -> String {
+    sha256(&vec![0u8; n])
+}
+
+/// Forcing the kernel path where the programs cannot load is a clear
+/// start-up error, not a silent fallback.
+#[test]
+fn forced_kernel_path_without_privilege_fails_clearly() {
+    assert!(can_run(
+        "root and setpriv",
+        is_root() && have_tool("setpriv")
+    ));
+    let dir = Scratch::new("forced");
+    let path = dir.write("mux.toml", "listen = \"127.0.0.1:0\"\ndatapath = \"ebpf\"\n[[route]]\nprotocol = \"any\"\nbackend = \"127.0.0.1:1\"\n");
+    let (status, _, err) = run(
+        std::process::Command::new(WITHOUT_BPF[0])
+            .args(&WITHOUT_BPF[1..])
+            .arg(mux_bin())
+            .arg("--config")
+            .arg(&path),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("datapath = \"ebpf\" but the kernel path cannot start"),
+        "{err}"
+    );
+}
