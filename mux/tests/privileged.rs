@@ -8,7 +8,6 @@
 //! run skips each test with a printed reason. Every wait is bounded and all
 //! traffic stays on loopback.
 
-#[allow(dead_code)]
 mod common;
 
 mod privileged {

@@ -184,10 +184,12 @@ pub fn map_entries_of(pid: u32) -> Result<std::collections::BTreeMap<String, usi
         let Ok(info) = std::fs::read_to_string(&path) else {
             continue;
         };
-        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
-            if let Ok(id) = id.trim().parse::<u32>() {
-                ids.insert(id);
-            }
+        if let Some(Ok(id)) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .map(|id| id.trim().parse::<u32>())
+        {
+            ids.insert(id);
         }
     }
     let mut counts = std::collections::BTreeMap::new();

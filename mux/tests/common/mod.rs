@@ -143,9 +143,8 @@ impl Mux {
         };
         let line = mux
             .wait_log("listening on ", Duration::from_secs(10))
-            .map_err(|e| {
+            .inspect_err(|_| {
                 let _ = mux.child.kill();
-                e
             })?;
         let addr = line.rsplit("listening on ").next().unwrap().trim();
         mux.addr = addr.parse().with_context(|| format!("parsing `{addr}`"))?;
