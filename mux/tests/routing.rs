@@ -249,6 +249,18 @@ fn user_flag_drops_root_and_still_serves() {
     assert!(String::from_utf8_lossy(&out).ends_with("web /as-nobody\n"));
 }
 
+/// `mux check --config PATH`: (status, stdout, stderr).
+fn check(path: &std::path::Path) -> (std::process::ExitStatus, String, String) {
+    run(
+        Command::new(mux_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(path),
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
 #[test]
 fn every_example_config_checks() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -258,14 +270,7 @@ fn every_example_config_checks() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let (status, out, err) = run(
-            Command::new(mux_bin())
-                .arg("check")
-                .arg("--config")
-                .arg(&path),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let (status, out, err) = check(&path);
         assert!(status.success(), "{}: {err}", path.display());
         assert!(out.starts_with("configuration OK"), "{out}");
         n += 1;
@@ -280,14 +285,7 @@ fn every_example_config_checks() {
 fn check_names_file_line_and_key_and_fails() {
     let dir = Scratch::new("check");
     let path = dir.write("bad.toml", "listen = \"127.0.0.1:1\"\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\nsni = \"x\"\n");
-    let (status, _, err) = run(
-        Command::new(mux_bin())
-            .arg("check")
-            .arg("--config")
-            .arg(&path),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let (status, _, err) = check(&path);
     assert_eq!(status.code(), Some(1));
     assert!(
         err.contains(&format!("{}:5: `sni`", path.display())),

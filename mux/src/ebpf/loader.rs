@@ -87,18 +87,11 @@ impl KernelPrograms {
             path: cgroup.clone(),
             source,
         })?;
+        let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
         let program_error = |source| EbpfError::Program {
             name: PROG_SOCK_OPS,
             source,
         };
-        let sock_ops: &mut SockOps = ebpf
-            .program_mut(PROG_SOCK_OPS)
-            .ok_or(EbpfError::Missing {
-                kind: "program",
-                name: PROG_SOCK_OPS,
-            })?
-            .try_into()
-            .map_err(program_error)?;
         sock_ops.load().map_err(program_error)?;
         // The link id is not kept: the link stays owned by `sock_ops` (hence
         // by `ebpf`) and goes away with it.
@@ -154,18 +147,11 @@ impl KernelPrograms {
         )?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_error(MAP_STATS))?;
 
+        let sk_msg: &mut SkMsg = program(&mut ebpf, PROG_SK_MSG)?;
         let sk_msg_error = |source| EbpfError::Program {
             name: PROG_SK_MSG,
             source,
         };
-        let sk_msg: &mut SkMsg = ebpf
-            .program_mut(PROG_SK_MSG)
-            .ok_or(EbpfError::Missing {
-                kind: "program",
-                name: PROG_SK_MSG,
-            })?
-            .try_into()
-            .map_err(sk_msg_error)?;
         sk_msg.load().map_err(sk_msg_error)?;
         // Through the raw syscall: aya only attaches sk_msg to a map handle
         // of its own SockHash type, which cannot hold MUX_SOCKS (see `sys`).
@@ -201,6 +187,20 @@ impl KernelPrograms {
     pub fn cgroup(&self) -> &std::path::Path {
         &self.cgroup
     }
+}
+
+/// The program `name` of the object, as its type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
 }
 
 /// The raw accessors read and write keys and values of these sizes: make

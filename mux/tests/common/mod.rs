@@ -256,6 +256,19 @@ where
     addr
 }
 
+/// Hands every accepted connection to the test, which plays the backend.
+pub async fn handing_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = backend(move |s| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(s);
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
 /// Echoes everything, then closes when the client does.
 pub async fn echo_backend() -> SocketAddr {
     backend(|mut s| async move {

@@ -227,27 +227,6 @@ async fn hashing_backend_seeded(
     (addr, rx)
 }
 
-#[test]
-fn one_gib_each_way_keeps_its_sha256_on_the_kernel_path() {
-    integrity(Mode::Kernel, 1, 1 << 30);
-}
-
-#[test]
-fn one_gib_each_way_keeps_its_sha256_on_the_fallback() {
-    integrity(Mode::Fallback, 1, 1 << 30);
-}
-
-#[test]
-fn two_hundred_pairs_at_once_keep_their_sha256_on_the_kernel_path() {
-    // 200 pairs x 5 MiB: 1 GiB each way in all.
-    integrity(Mode::Kernel, 200, 5 << 20);
-}
-
-#[test]
-fn two_hundred_pairs_at_once_keep_their_sha256_on_the_fallback() {
-    integrity(Mode::Fallback, 200, 5 << 20);
-}
-
 // ---- backpressure --------------------------------------------------------
 
 /// The bound on bytes a slow reader may have outstanding: socket buffers on
@@ -264,14 +243,7 @@ fn backpressure(mode: Mode, download: bool) {
     let rt = runtime();
     rt.block_on(async {
         let written = Arc::new(AtomicU64::new(0));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
-        let backend_addr = backend(move |s| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(s);
-            }
-        })
-        .await;
+        let (backend_addr, mut rx) = handing_backend().await;
         let mux = mode.start("", &[("any", "any", backend_addr)]);
         let memory_before = tcp_memory();
         let mut client = TcpStream::connect(mux.addr).await.unwrap();
@@ -375,26 +347,6 @@ fn backpressure(mode: Mode, download: bool) {
     });
 }
 
-#[test]
-fn backpressure_download_on_the_kernel_path() {
-    backpressure(Mode::Kernel, true);
-}
-
-#[test]
-fn backpressure_upload_on_the_kernel_path() {
-    backpressure(Mode::Kernel, false);
-}
-
-#[test]
-fn backpressure_download_on_the_fallback() {
-    backpressure(Mode::Fallback, true);
-}
-
-#[test]
-fn backpressure_upload_on_the_fallback() {
-    backpressure(Mode::Fallback, false);
-}
-
 // ---- hand-off, half-close ------------------------------------------------
 
 /// Bytes the client sends right behind its first line, and bytes the
@@ -491,32 +443,6 @@ fn bursts_around_the_handoff(mode: Mode) {
     });
 }
 
-#[test]
-fn bursts_around_the_handoff_on_the_kernel_path() {
-    bursts_around_the_handoff(Mode::Kernel);
-}
-
-#[test]
-fn bursts_around_the_handoff_on_the_fallback() {
-    bursts_around_the_handoff(Mode::Fallback);
-}
-
-#[test]
-fn half_close_both_ways_on_the_kernel_path() {
-    runtime().block_on(async {
-        client_half_close(|routes| Mode::Kernel.start("", routes)).await;
-        backend_half_close(|routes| Mode::Kernel.start("", routes)).await;
-    });
-}
-
-#[test]
-fn half_close_both_ways_on_the_fallback() {
-    runtime().block_on(async {
-        client_half_close(|routes| Mode::Fallback.start("", routes)).await;
-        backend_half_close(|routes| Mode::Fallback.start("", routes)).await;
-    });
-}
-
 // ---- failures and leaks ----------------------------------------------------
 
 /// A client, then a backend, killed in the middle of a download: the other
@@ -525,14 +451,7 @@ fn half_close_both_ways_on_the_fallback() {
 fn killed_mid_transfer(mode: Mode) {
     let rt = runtime();
     rt.block_on(async {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TcpStream>();
-        let streamer = backend(move |s| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(s);
-            }
-        })
-        .await;
+        let (streamer, mut rx) = handing_backend().await;
         let mux = mode.start("", &[("any", "any", streamer)]);
 
         // The client vanishes (reset) while the backend streams.
@@ -590,14 +509,32 @@ fn killed_mid_transfer(mode: Mode) {
     });
 }
 
-#[test]
-fn killed_mid_transfer_on_the_kernel_path() {
-    killed_mid_transfer(Mode::Kernel);
+/// Each check runs twice: on the kernel path and on the fallback.
+macro_rules! on_both_paths {
+    ($($name:ident => |$mode:ident| $body:expr;)*) => {
+        mod on_the_kernel_path {
+            use super::*;
+            $(#[test] fn $name() { let $mode = Mode::Kernel; $body })*
+        }
+        mod on_the_fallback {
+            use super::*;
+            $(#[test] fn $name() { let $mode = Mode::Fallback; $body })*
+        }
+    };
 }
 
-#[test]
-fn killed_mid_transfer_on_the_fallback() {
-    killed_mid_transfer(Mode::Fallback);
+on_both_paths! {
+    one_gib_each_way_keeps_its_sha256 => |mode| integrity(mode, 1, 1 << 30);
+    // 200 pairs x 5 MiB: 1 GiB each way in all.
+    two_hundred_pairs_at_once_keep_their_sha256 => |mode| integrity(mode, 200, 5 << 20);
+    backpressure_download => |mode| backpressure(mode, true);
+    backpressure_upload => |mode| backpressure(mode, false);
+    bursts_around_the_handoff => |mode| super::bursts_around_the_handoff(mode);
+    half_close_both_ways => |mode| runtime().block_on(async {
+        client_half_close(|routes| mode.start("", routes)).await;
+        backend_half_close(|routes| mode.start("", routes)).await;
+    });
+    killed_mid_transfer => |mode| super::killed_mid_transfer(mode);
 }
 
 /// 10,000 short connections (connect, a line each way, close) leave every
