@@ -91,6 +91,20 @@ pub const STAT_SPILLED: u32 = 5;
 /// Entries of [`MAP_STATS`].
 pub const MAP_STATS_SIZE: u32 = 6;
 
+/// Name of the `HashMap<u32, u32>` of ports mux takes over (host order ->
+/// 1): connections to them from other hosts go to mux's listener.
+pub const MAP_TAKEOVER: &str = "MUX_TAKEOVER";
+/// Entries of [`MAP_TAKEOVER`].
+pub const MAP_TAKEOVER_SIZE: u32 = 64;
+/// Name of the `SockMap` holding mux's listeners for taken-over ports.
+pub const MAP_LISTENERS: &str = "MUX_LISTENERS";
+/// [`MAP_LISTENERS`] index of the IPv4 listener.
+pub const LISTENER_V4: u32 = 0;
+/// [`MAP_LISTENERS`] index of the IPv6 listener.
+pub const LISTENER_V6: u32 = 1;
+/// Name of the sk_lookup program.
+pub const PROG_SK_LOOKUP: &str = "mux_sk_lookup";
+
 /// Name of the sock_ops program (the Rust function name in mux-ebpf; it must
 /// differ from its ELF section, `sockops`, or the object fails to link).
 pub const PROG_SOCK_OPS: &str = "mux_sock_ops";

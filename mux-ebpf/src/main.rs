@@ -8,6 +8,7 @@
 
 mod flow;
 mod maps;
+mod sk_lookup;
 mod sk_msg;
 mod sock_ops;
 

@@ -1,45 +1,60 @@
 //! The maps shared by mux's kernel programs and user space.
 //!
 //! Names and sizes come from mux-common so that user space opens the same
-//! maps by the same names; a static's name is its map name.
+//! maps by the same names; a static's name is its map name. The connection
+//! maps are not preallocated: an idle mux should not pin megabytes of
+//! kernel memory for 65,536 connections it does not have.
 
 use core::{cell::UnsafeCell, ffi::c_void, marker::PhantomData};
 
 use aya_ebpf::{
-    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_ops},
+    bindings::{BPF_F_NO_PREALLOC, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKHASH, bpf_sock_ops},
     cty::c_long,
     helpers::bpf_sock_hash_update,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, SockMap},
 };
 use mux_common::{
     Capture, Client, Flow, ListenKey, MAP_LISTEN_SIZE, MAP_SOCKS_SIZE, MAP_SOCKS_VALUE_SIZE,
-    MAP_STATS_SIZE, MAX_CONNECTIONS, Pending,
+    MAP_STATS_SIZE, MAP_TAKEOVER_SIZE, MAX_CONNECTIONS, Pending,
 };
 
 /// mux's outgoing sockets, by socket cookie, published by user space before
 /// it connects to a backend. The sock_ops program recognises them when they
 /// connect and records their flow; nothing else on the machine matches.
 #[map]
-pub static MUX_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+pub static MUX_PENDING: HashMap<u64, Pending> =
+    HashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
 
 /// The connections the kernel may take over, by flow (mux's end first),
 /// filled by sock_ops when a pending socket connects. A lookup from the
 /// backend's side is how the programs tell "the other end of mux's
 /// connection" from every other socket.
 #[map]
-pub static MUX_FLOWS: HashMap<Flow, Capture> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+pub static MUX_FLOWS: HashMap<Flow, Capture> =
+    HashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
 
 /// The client sockets of connections on the kernel path, by socket cookie:
 /// how far each client has acknowledged (kept by sock_ops) and how much mux
 /// wrote to it itself (kept by user space), for sk_msg's bound.
 #[map]
-pub static MUX_CLIENTS: HashMap<u64, Client> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+pub static MUX_CLIENTS: HashMap<u64, Client> =
+    HashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
 
 /// mux's listening ports: their accepted sockets get ACK callbacks so that
 /// `MUX_CLIENTS` learns what each client acknowledged.
 #[map]
 pub static MUX_LISTEN: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAP_LISTEN_SIZE, 0);
+
+/// Ports mux takes over (host order) -> 1: new connections to them from
+/// other hosts go to mux's listener instead (see `sk_lookup`).
+#[map]
+pub static MUX_TAKEOVER: HashMap<u32, u32> = HashMap::with_max_entries(MAP_TAKEOVER_SIZE, 0);
+
+/// mux's listening sockets that taken-over connections go to: index
+/// `LISTENER_V4` and `LISTENER_V6`.
+#[map]
+pub static MUX_LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
 
 /// The sockets whose traffic the kernel moves, under the keys chosen by user
 /// space (`Capture::backend_key`, `Capture::client_key`). The kernel drops a

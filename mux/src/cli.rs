@@ -9,6 +9,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use crate::classify::Protocol;
 use crate::config::{self, Config, ConfigError, DataPathKind};
 use crate::route::{Backend, Route, Router};
+use crate::takeover::{Method, Takeover};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,7 +32,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the configuration (file, flags or the embedded default) and print the effective routes.
-    Check(RunArgs),
+    Check(Box<RunArgs>),
+    /// Manage port takeover outside the daemon.
+    Takeover(TakeoverArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("action").required(true).args(["cleanup", "guard"]))]
+pub struct TakeoverArgs {
+    /// Remove the REDIRECT rules (iptables or nft) a crashed mux left behind.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Internal: add REDIRECT rules, hold them while standard input stays
+    /// open, then remove them (the daemon runs this as a root child, so the
+    /// rules go even if the daemon dropped root or was killed).
+    #[arg(long, hide = true, requires = "ports")]
+    pub guard: bool,
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub ports: Vec<u16>,
+    #[arg(long, hide = true)]
+    pub to_v4: Option<u16>,
+    #[arg(long, hide = true)]
+    pub to_v6: Option<u16>,
 }
 
 /// Everything that shapes a running mux. sslh's flags keep sslh's names.
@@ -70,6 +92,12 @@ pub struct RunArgs {
     /// How bytes move after classification: auto, ebpf, splice or copy.
     #[arg(long, value_name = "KIND")]
     pub datapath: Option<String>,
+    /// Take this port over from its own server (e.g. 22, with sshd kept on it); repeatable.
+    #[arg(long = "takeover", value_name = "PORT")]
+    pub takeover: Vec<u16>,
+    /// How to take ports over: auto (sk_lookup, else iptables), sk_lookup or iptables.
+    #[arg(long = "takeover-method", value_name = "METHOD")]
+    pub takeover_method: Option<String>,
     /// Drop root for this user once the listening sockets are open.
     #[arg(short = 'u', long, value_name = "NAME")]
     pub user: Option<String>,
@@ -181,6 +209,9 @@ impl RunArgs {
             })?;
             config.on_timeout = Some(index);
         }
+        if !self.takeover.is_empty() || self.takeover_method.is_some() {
+            config.takeover = Some(self.takeover_over(&config)?);
+        }
         if let Some(kind) = &self.datapath {
             config.datapath = DataPathKind::parse(kind).ok_or_else(|| {
                 flag_error(
@@ -190,6 +221,42 @@ impl RunArgs {
             })?;
         }
         Ok(config)
+    }
+
+    /// The takeover the flags ask for, on top of the config's section.
+    fn takeover_over(&self, config: &Config) -> Result<Takeover, CliError> {
+        let method = match &self.takeover_method {
+            None => config.takeover.as_ref().map_or(Method::Auto, |t| t.method),
+            Some(m) => Method::parse(m).ok_or_else(|| {
+                flag_error(
+                    "--takeover-method",
+                    format!("`{m}` is not one of auto, sk_lookup, iptables"),
+                )
+            })?,
+        };
+        let ports = if self.takeover.is_empty() {
+            config
+                .takeover
+                .as_ref()
+                .map(|t| t.ports.clone())
+                .unwrap_or_default()
+        } else {
+            self.takeover.clone()
+        };
+        if ports.is_empty() {
+            return Err(flag_error(
+                "--takeover-method",
+                "no port to take over: add --takeover PORT",
+            ));
+        }
+        for &port in &ports {
+            if port == 0 {
+                return Err(flag_error("--takeover", "0 is not a port number"));
+            }
+            config::check_takeover_port(port, &config.listen)
+                .map_err(|m| flag_error("--takeover", m))?;
+        }
+        Ok(Takeover { ports, method })
     }
 
     fn refuse_unsupported(&self) -> Result<(), CliError> {
@@ -273,6 +340,7 @@ impl RunArgs {
             on_timeout,
             connect_timeout: Duration::from_secs(10),
             router: Router::new(routes),
+            takeover: None,
         })
     }
 }
@@ -384,6 +452,37 @@ mod tests {
         assert!(msg(&["--transparent"]).contains("transparent"));
         assert!(msg(&["-Fsslh.cfg"]).contains("libconfig"));
         assert!(msg(&["--config", "x.toml", "--ssh", "a:1"]).starts_with("--config:"));
+    }
+
+    #[test]
+    fn takeover_flags_add_or_override_the_section() {
+        let c = config(&[
+            "-p",
+            "0.0.0.0:2222",
+            "--ssh",
+            "127.0.0.1:22",
+            "--takeover",
+            "22",
+            "--takeover",
+            "443",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.takeover,
+            Some(Takeover {
+                ports: vec![22, 443],
+                method: Method::Auto
+            })
+        );
+        let c = config(&["--takeover", "22", "--takeover-method", "iptables"]).unwrap();
+        assert_eq!(c.takeover.unwrap().method, Method::Iptables);
+        let msg = |args: &[&str]| config(args).unwrap_err().to_string();
+        assert!(msg(&["--takeover", "2222"]).starts_with("--takeover:"));
+        assert!(msg(&["--takeover-method", "iptables"]).starts_with("--takeover-method:"));
+        assert!(
+            msg(&["--takeover", "22", "--takeover-method", "magic"])
+                .starts_with("--takeover-method:")
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use crate::classify::Protocol;
 use crate::route::{Backend, Glob, Route, Router};
+use crate::takeover::{Method, Takeover};
 
 /// The reference layout of a GPU box: `mux` with no arguments runs this.
 pub const DEFAULT_CONFIG: &str = include_str!("../../examples/gpu-box.toml");
@@ -60,6 +61,8 @@ pub struct Config {
     pub on_timeout: Option<usize>,
     pub connect_timeout: Duration,
     pub router: Router,
+    /// Ports taken over from their own servers, if any.
+    pub takeover: Option<Takeover>,
 }
 
 impl Config {
@@ -110,6 +113,14 @@ impl Config {
             self.listen.join(", "),
             self.datapath.name()
         ));
+        if let Some(t) = &self.takeover {
+            let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
+            out.push_str(&format!(
+                "takeover: ports {} (method {})\n",
+                ports.join(", "),
+                t.method.name()
+            ));
+        }
         out
     }
 }
@@ -237,6 +248,14 @@ struct RawConfig {
     connect_timeout: Option<Spanned<DurationValue>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    takeover: Option<Spanned<RawTakeover>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTakeover {
+    ports: Spanned<Vec<Spanned<i64>>>,
+    method: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,6 +384,11 @@ impl Validator<'_> {
             None => routes.iter().position(|r| r.protocol == Protocol::Ssh),
         };
 
+        let takeover = raw
+            .takeover
+            .map(|t| self.takeover(t.into_inner(), &listen))
+            .transpose()?;
+
         Ok(Config {
             listen,
             datapath,
@@ -372,7 +396,44 @@ impl Validator<'_> {
             on_timeout,
             connect_timeout,
             router: Router::new(routes),
+            takeover,
         })
+    }
+
+    fn takeover(&self, raw: RawTakeover, listen: &[String]) -> Result<Takeover, ConfigError> {
+        if raw.ports.get_ref().is_empty() {
+            return Err(self.invalid(
+                raw.ports.span(),
+                "ports",
+                "needs at least one port, e.g. ports = [22]",
+            ));
+        }
+        let mut ports = Vec::new();
+        for p in raw.ports.into_inner() {
+            let port = u16::try_from(*p.get_ref())
+                .ok()
+                .filter(|&port| port != 0)
+                .ok_or_else(|| {
+                    self.invalid(
+                        p.span(),
+                        "ports",
+                        format!("{} is not a port number", p.get_ref()),
+                    )
+                })?;
+            check_takeover_port(port, listen).map_err(|m| self.invalid(p.span(), "ports", m))?;
+            ports.push(port);
+        }
+        let method = match raw.method {
+            None => Method::Auto,
+            Some(m) => Method::parse(m.get_ref()).ok_or_else(|| {
+                self.invalid(
+                    m.span(),
+                    "method",
+                    format!("`{}` is not one of auto, sk_lookup, iptables", m.get_ref()),
+                )
+            })?,
+        };
+        Ok(Takeover { ports, method })
     }
 
     fn timeout(
@@ -466,6 +527,21 @@ impl Validator<'_> {
             backend,
         })
     }
+}
+
+/// A taken-over port must not be one mux itself listens on: that would
+/// steer mux's own port to itself.
+pub fn check_takeover_port(port: u16, listen: &[String]) -> Result<(), String> {
+    let own = listen
+        .iter()
+        .filter_map(|a| a.rsplit_once(':'))
+        .any(|(_, p)| p.parse() == Ok(port));
+    if own {
+        return Err(format!(
+            "mux listens on port {port} itself; take over another service's port (e.g. 22)"
+        ));
+    }
+    Ok(())
 }
 
 /// A listen address must name a port; the host may be a name, resolved at bind.
@@ -641,6 +717,39 @@ backend = "127.0.0.1:8443"
         .unwrap();
         assert_eq!(c.classify_timeout, Duration::from_millis(250));
         assert_eq!(c.on_timeout, None);
+    }
+
+    #[test]
+    fn takeover_section_parses_and_checks_its_ports() {
+        let base = "listen = \"0.0.0.0:2222\"\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n";
+        let c = Config::parse(
+            &format!("{base}[takeover]\nports = [22, 443]\nmethod = \"iptables\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.takeover,
+            Some(Takeover {
+                ports: vec![22, 443],
+                method: Method::Iptables
+            })
+        );
+        let c = Config::parse(&format!("{base}[takeover]\nports = [22]\n"), "t").unwrap();
+        assert_eq!(c.takeover.unwrap().method, Method::Auto);
+        assert!(Config::parse(base, "t").unwrap().takeover.is_none());
+        for (bad, key) in [
+            ("ports = []", "ports"),
+            ("ports = [70000]", "ports"),
+            ("ports = [2222]", "ports"),
+            ("ports = [22]\nmethod = \"magic\"", "method"),
+            ("ports = [22]\nport = 1", "port"),
+        ] {
+            let e = err(&format!("{base}[takeover]\n{bad}\n"));
+            assert!(
+                e.contains(key) && (e.contains("test.toml:") || e.contains("line")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

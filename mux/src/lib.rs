@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod privileges;
 pub mod route;
 pub mod server;
+pub mod takeover;
 
 use std::future::Future;
 

@@ -8,6 +8,7 @@ use mux::cli::{self, Command};
 use mux::connection::Shared;
 use mux::datapath::DataPath;
 use mux::privileges::{self, Pidfile};
+use mux::takeover::Active;
 
 fn main() -> ExitCode {
     let (cli, matches) = cli::parse();
@@ -23,6 +24,25 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("mux check: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Takeover(args)) => {
+            init_logging(cli.run.verbose);
+            let result = if args.guard {
+                mux::takeover::guard(&args.ports, args.to_v4, args.to_v6)
+                    .map(|()| "takeover rules removed".to_string())
+            } else {
+                mux::takeover::cleanup().map(|n| format!("removed {n} takeover rule(s)"))
+            };
+            match result {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mux takeover: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -63,10 +83,25 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         let (datapath, why) = DataPath::select(config.datapath)?;
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
+        let takeover = config.takeover.clone();
         let server = Server::bind(Shared { config, datapath }).await?;
         for addr in server.local_addrs() {
             log::info!("listening on {addr}");
         }
+        // Held until mux stops: dropping it gives the ports back.
+        let _takeover = match &takeover {
+            Some(t) => {
+                let active = Active::start(t, server.listeners())?;
+                let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
+                log::info!(
+                    "takeover: port {} from other hosts now reaches mux, via {}",
+                    ports.join(", "),
+                    active.describe()
+                );
+                Some(active)
+            }
+            None => None,
+        };
         let _pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
         if let Some(user) = &args.user {
             privileges::drop_to_user(user)?;

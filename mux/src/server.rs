@@ -65,6 +65,11 @@ impl Server {
         })
     }
 
+    /// The listening sockets, for taking ports over to them.
+    pub fn listeners(&self) -> &[TcpListener] {
+        &self.listeners
+    }
+
     /// The bound addresses (with the real port when the config asked for 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners

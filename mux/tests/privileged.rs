@@ -13,4 +13,5 @@ mod common;
 mod privileged {
     mod kernel_path;
     mod programs;
+    mod takeover;
 }

@@ -21,7 +21,7 @@ use super::{EbpfError, cgroup::cgroup2_mount, sys};
 
 /// The object built by mux/build.rs from mux-ebpf, aligned as aya requires.
 /// Empty when the build ran with `AYA_BUILD_SKIP=1`.
-pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mux"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mux"));
 
 /// mux's programs, loaded and attached, with typed handles on their maps.
 ///
@@ -190,7 +190,7 @@ impl KernelPrograms {
 }
 
 /// The program `name` of the object, as its type `P`.
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+pub(super) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

@@ -15,6 +15,7 @@
 
 mod cgroup;
 mod loader;
+mod lookup;
 mod maps;
 mod sys;
 
@@ -26,6 +27,7 @@ use std::{
 
 pub use cgroup::{cgroup2_mount, cgroup2_mount_in};
 pub use loader::KernelPrograms;
+pub use lookup::PortTakeover;
 pub use maps::Stats;
 pub use maps::Withdrawn;
 pub use mux_common::{CLIENT_SNDBUF, Capture, Client, Flow, Pending, REDIRECT_WINDOW};

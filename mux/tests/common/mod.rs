@@ -103,6 +103,11 @@ impl Mux {
     /// Runs mux on `config` under `wrapper`, a command that execs the rest
     /// of its arguments (e.g. setpriv dropping capabilities).
     pub fn with_config_under(wrapper: &[&str], config: &str) -> Result<Mux> {
+        Mux::with_config_under_and(wrapper, config, &[])
+    }
+
+    /// The same, with more arguments after `--config FILE`.
+    pub fn with_config_under_and(wrapper: &[&str], config: &str, args: &[&str]) -> Result<Mux> {
         let scratch = Scratch::new("mux");
         let path = scratch.write("mux.toml", config);
         let mut command = Command::new(wrapper[0]);
@@ -110,7 +115,8 @@ impl Mux {
             .args(&wrapper[1..])
             .arg(mux_bin())
             .arg("--config")
-            .arg(&path);
+            .arg(&path)
+            .args(args);
         let mut mux = Mux::spawn(&mut command)?;
         mux._scratch = Some(scratch);
         Ok(mux)
@@ -552,7 +558,28 @@ pub struct Sshd {
 }
 
 impl Sshd {
+    /// On 127.0.0.1, on a free port.
     pub fn start() -> Result<Sshd> {
+        for _attempt in 0..5 {
+            let port = free_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            if let Some(sshd) = Sshd::start_with(&[], port, &["127.0.0.1"], || {
+                wait_listening(addr, Duration::from_secs(5))
+            })? {
+                return Ok(Sshd { addr, ..sshd });
+            }
+        }
+        bail!("sshd did not start")
+    }
+
+    /// Under `wrapper` (e.g. `ip netns exec NS`), on `port` of `listen`;
+    /// `None` if `ready` never said it was listening.
+    pub fn start_with(
+        wrapper: &[&str],
+        port: u16,
+        listen: &[&str],
+        ready: impl FnOnce() -> bool,
+    ) -> Result<Option<Sshd>> {
         let scratch = Scratch::new("sshd");
         let host_key = scratch.path("host_ed25519");
         let client_key = scratch.path("client_ed25519");
@@ -569,41 +596,56 @@ impl Sshd {
         std::fs::copy(client_key.with_extension("pub"), &authorized)?;
         // sshd's privilege separation directory; Debian creates it at boot.
         std::fs::create_dir_all("/run/sshd")?;
-        for _attempt in 0..5 {
-            let port = free_port();
-            let config = scratch.write(
-                "sshd_config",
-                &format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
-                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
-                    host_key.display(),
-                    authorized.display()
-                ),
-            );
-            let child = Command::new(sshd_path())
-                .args(["-D", "-e", "-f"])
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("spawning sshd")?;
-            let proc = Proc(child);
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            if wait_listening(addr, Duration::from_secs(5)) {
-                return Ok(Sshd {
-                    _proc: proc,
-                    addr,
-                    client_key,
-                    _scratch: scratch,
-                });
+        let listen: String = listen
+            .iter()
+            .map(|a| format!("ListenAddress {a}\n"))
+            .collect();
+        let config = scratch.write(
+            "sshd_config",
+            &format!(
+                "Port {port}\n{listen}HostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
+                host_key.display(),
+                authorized.display()
+            ),
+        );
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(sshd_path());
+                c
             }
+            None => Command::new(sshd_path()),
+        };
+        let child = command
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning sshd")?;
+        let proc = Proc(child);
+        if !ready() {
+            return Ok(None);
         }
-        bail!("sshd did not start")
+        Ok(Some(Sshd {
+            _proc: proc,
+            addr: format!("127.0.0.1:{port}").parse()?,
+            client_key,
+            _scratch: scratch,
+        }))
     }
 
-    /// `ssh` arguments that log in as root with the test key, host key unchecked.
+    /// `ssh` arguments that log in as root on 127.0.0.1 with the test key,
+    /// host key unchecked.
     pub fn ssh_args(&self, port: u16) -> Vec<String> {
+        self.ssh_args_to("127.0.0.1", port)
+    }
+
+    /// The same, to `host`.
+    pub fn ssh_args_to(&self, host: &str, port: u16) -> Vec<String> {
+        let target = format!("root@{host}");
         [
             "-i",
             self.client_key.to_str().unwrap(),
@@ -619,7 +661,7 @@ impl Sshd {
             "ConnectTimeout=10",
             "-p",
             &port.to_string(),
-            "root@127.0.0.1",
+            &target,
         ]
         .iter()
         .map(|s| s.to_string())

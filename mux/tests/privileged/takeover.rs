@@ -1,0 +1,414 @@
+//! Taking port 22 over, between two network namespaces this test builds: a
+//! server host (a real sshd on 22, web and TLS backends, mux) and a client
+//! host joined to it by a veth pair. Only those two hosts' addresses (the
+//! documentation ranges 192.0.2.0/24 and 2001:db8::/64, inside the test's
+//! own namespaces) are ever used.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SERVER_V4: &str = "192.0.2.1";
+const CLIENT_V4: &str = "192.0.2.2";
+const SERVER_V6: &str = "2001:db8::1";
+const CLIENT_V6: &str = "2001:db8::2";
+
+fn ip(args: &[&str]) {
+    let (status, _, err) = run(Command::new("ip").args(args), Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "ip {}: {err}", args.join(" "));
+}
+
+/// Two namespaces and the veth between them; torn down on drop.
+struct Lab {
+    server: String,
+    client: String,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        assert!(can_run("root with ip netns", is_root() && have_tool("ip")));
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let lab = Lab {
+            server: format!("mux-srv-{tag}"),
+            client: format!("mux-cli-{tag}"),
+        };
+        let (s_if, c_if) = (format!("mxs{tag}"), format!("mxc{tag}"));
+        ip(&["netns", "add", &lab.server]);
+        ip(&["netns", "add", &lab.client]);
+        ip(&["link", "add", &s_if, "type", "veth", "peer", "name", &c_if]);
+        ip(&["link", "set", &s_if, "netns", &lab.server]);
+        ip(&["link", "set", &c_if, "netns", &lab.client]);
+        for (ns, dev, v4, v6) in [
+            (&lab.server, &s_if, SERVER_V4, SERVER_V6),
+            (&lab.client, &c_if, CLIENT_V4, CLIENT_V6),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        lab
+    }
+
+    fn in_ns(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+
+    /// Whether something listens on TCP `port` in the server namespace.
+    fn listening(&self, port: u16) -> bool {
+        let out = Lab::in_ns(&self.server, "ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    }
+
+    fn wait_listening(&self, port: u16) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if self.listening(port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// A long-running process in the server namespace, killed on drop.
+    fn serve(&self, program: &str, args: &[&str]) -> Proc {
+        Proc(
+            Lab::in_ns(&self.server, program)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Runs a client command in the client namespace: (success, stdout+stderr).
+    fn client(&self, program: &str, args: &[String]) -> (bool, String) {
+        let (status, out, err) = run(
+            Lab::in_ns(&self.client, program).args(args),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        (status.success(), format!("{out}{err}"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth, and so the pair.
+        for ns in [&self.server, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The server host: sshd on 22, a web backend, a TLS backend.
+struct ServerHost {
+    sshd: Sshd,
+    _web: Proc,
+    _tls: Proc,
+    _certs: Scratch,
+}
+
+fn server_host(lab: &Lab) -> ServerHost {
+    assert!(can_run(
+        "sshd, python3, openssl",
+        have_tool("sshd") && have_tool("python3") && have_tool("openssl")
+    ));
+    let wrapper = ["ip", "netns", "exec", lab.server.as_str()];
+    let sshd = Sshd::start_with(&wrapper, 22, &["0.0.0.0", "::"], || lab.wait_listening(22))
+        .unwrap()
+        .expect("sshd on 22");
+    // A real HTTP server, which reads the whole request before answering.
+    let certs = Scratch::new("takeover-tls");
+    std::fs::write(certs.path("index.html"), "web-in-the-server-host\n").unwrap();
+    let web = lab.serve(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            certs.path("").to_str().unwrap(),
+        ],
+    );
+    let (cert, key) = certificate(&certs, "tls.example.com").unwrap();
+    let tls = lab.serve(
+        "openssl",
+        &[
+            "s_server",
+            "-accept",
+            "8443",
+            "-www",
+            "-cert",
+            cert.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        lab.wait_listening(8080) && lab.wait_listening(8443),
+        "backends did not start"
+    );
+    ServerHost {
+        sshd,
+        _web: web,
+        _tls: tls,
+        _certs: certs,
+    }
+}
+
+/// mux in the server namespace, taking port 22 over with `method`.
+fn start_mux(lab: &Lab, method: &str) -> Mux {
+    start_mux_with(lab, method, &[])
+}
+
+/// The same, with more mux arguments (`--user nobody`).
+fn start_mux_with(lab: &Lab, method: &str, args: &[&str]) -> Mux {
+    let config = format!(
+        "listen = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
+         [[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n\
+         [[route]]\nname = \"web\"\nprotocol = \"http\"\nbackend = \"127.0.0.1:8080\"\n\
+         [[route]]\nname = \"tls\"\nprotocol = \"tls\"\nbackend = \"127.0.0.1:8443\"\n\
+         [takeover]\nports = [22]\nmethod = \"{method}\"\n"
+    );
+    let wrapper = ["ip", "netns", "exec", lab.server.as_str()];
+    let mut mux = Mux::with_config_under_and(&wrapper, &config, args).unwrap();
+    mux.wait_log(
+        "takeover: port 22 from other hosts now reaches mux",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    mux
+}
+
+fn url(host: &str) -> String {
+    if host.contains(':') {
+        format!("http://[{host}]:22/")
+    } else {
+        format!("http://{host}:22/")
+    }
+}
+
+/// From the client host, port 22 of the server reaches ssh, web and TLS
+/// through mux, over IPv4 and IPv6.
+fn port_22_is_multiplexed(lab: &Lab, host: &ServerHost, mux: &mut Mux) {
+    for server in [SERVER_V4, SERVER_V6] {
+        let (ok, out) = lab.client(
+            "ssh",
+            &[
+                host.sshd.ssh_args_to(server, 22),
+                vec!["echo via-$((20+2))".into()],
+            ]
+            .concat(),
+        );
+        assert!(ok && out.contains("via-22"), "ssh to {server}:22: {out}");
+        let (ok, out) = lab.client(
+            "curl",
+            &["-sS".into(), "--max-time".into(), "10".into(), url(server)],
+        );
+        assert!(
+            ok && out.contains("web-in-the-server-host"),
+            "curl to {server}:22: {out}"
+        );
+        let connect = if server.contains(':') {
+            format!("[{server}]:22")
+        } else {
+            format!("{server}:22")
+        };
+        let (_, out) = run(
+            Lab::in_ns(&lab.client, "openssl").args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-servername",
+                "tls.example.com",
+                "-brief",
+            ]),
+            Duration::from_secs(20),
+        )
+        .map(|(s, o, e)| (s.success(), format!("{o}{e}")))
+        .unwrap();
+        assert!(
+            out.contains("CN = tls.example.com") || out.contains("CN=tls.example.com"),
+            "TLS to {server}:22: {out}"
+        );
+    }
+    // mux saw them, from the client host's addresses; its own connection to
+    // 127.0.0.1:22 reached sshd (the SSH logins above went through it).
+    for client in [CLIENT_V4, CLIENT_V6] {
+        let line = mux.wait_log(client, Duration::from_secs(5)).unwrap();
+        assert!(line.contains("route="), "{line}");
+    }
+    mux.wait_log("route=ssh backend=127.0.0.1:22", Duration::from_secs(5))
+        .unwrap();
+}
+
+/// With mux gone, port 22 is sshd's again: ssh logs in, and HTTP on port 22
+/// meets sshd, not the web backend.
+fn port_22_is_sshd_again(lab: &Lab, host: &ServerHost) {
+    for server in [SERVER_V4, SERVER_V6] {
+        let (ok, out) = lab.client(
+            "ssh",
+            &[
+                host.sshd.ssh_args_to(server, 22),
+                vec!["echo direct".into()],
+            ]
+            .concat(),
+        );
+        assert!(
+            ok && out.contains("direct"),
+            "ssh to {server}:22 without mux: {out}"
+        );
+        let (_, out) = lab.client(
+            "curl",
+            &["-sS".into(), "--max-time".into(), "5".into(), url(server)],
+        );
+        assert!(
+            !out.contains("web-in-the-server-host"),
+            "port 22 still reaches the web backend: {out}"
+        );
+    }
+}
+
+fn sigkill(mux: &mut Mux) {
+    let pid = rustix::process::Pid::from_raw(mux.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let start = Instant::now();
+    while mux.alive() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!mux.alive());
+}
+
+/// The REDIRECT rules mux's takeover left in the server namespace.
+fn redirect_rules(lab: &Lab) -> String {
+    ["iptables", "ip6tables"]
+        .iter()
+        .map(|t| {
+            let out = Lab::in_ns(&lab.server, t)
+                .args(["-w", "-t", "nat", "-S", "PREROUTING"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("mux-takeover"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn sk_lookup_takes_port_22_and_sigkill_gives_it_back() {
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let mut mux = start_mux(&lab, "sk_lookup");
+    assert!(mux.logs().iter().any(|l| l.contains("via sk_lookup")));
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+
+    // Killed outright: no handler runs, yet the link dies with the process.
+    sigkill(&mut mux);
+    port_22_is_sshd_again(&lab, &host);
+
+    // Started again, it takes the port again, and keeps serving after
+    // dropping root (it holds the link's fd, which needs no privilege).
+    let mut mux = start_mux_with(&lab, "sk_lookup", &["--user", "nobody"]);
+    mux.wait_log("running as user nobody", Duration::from_secs(5))
+        .unwrap();
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+    sigkill(&mut mux);
+    port_22_is_sshd_again(&lab, &host);
+}
+
+#[test]
+fn iptables_takes_port_22_and_leaves_no_rule_behind() {
+    assert!(can_run("iptables", have_tool("iptables")));
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let mut mux = start_mux(&lab, "iptables");
+    assert!(
+        !redirect_rules(&lab).is_empty(),
+        "no REDIRECT rule while mux runs"
+    );
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+    assert!(mux.stop().unwrap().success());
+    assert_eq!(redirect_rules(&lab), "", "rules left after SIGTERM");
+    port_22_is_sshd_again(&lab, &host);
+
+    // Even SIGKILL of a daemon that dropped root: the guard process, still
+    // root, sees it go and removes them.
+    let mut mux = start_mux_with(&lab, "iptables", &["--user", "nobody"]);
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+    sigkill(&mut mux);
+    let start = Instant::now();
+    while !redirect_rules(&lab).is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(redirect_rules(&lab), "", "rules left after SIGKILL");
+    port_22_is_sshd_again(&lab, &host);
+}
+
+#[test]
+fn takeover_cleanup_removes_a_rule_a_crash_left() {
+    assert!(can_run("iptables", have_tool("iptables")));
+    let lab = Lab::new();
+    let (status, _, err) = run(
+        Lab::in_ns(&lab.server, "iptables").args([
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "22",
+            "-m",
+            "comment",
+            "--comment",
+            "mux-takeover",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "2222",
+        ]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(!redirect_rules(&lab).is_empty());
+    let (status, out, err) = run(
+        Lab::in_ns(&lab.server, mux_bin()).args(["takeover", "--cleanup"]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(out.contains("removed 1"), "{out}");
+    assert_eq!(redirect_rules(&lab), "");
+}
