@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Where HTTP/1.x connections go.
     #[arg(long, value_name = "HOST:PORT")]
     pub http: Option<String>,
+    /// HTTP requests under PREFIX go to HOST:PORT, PREFIX stripped (Caddy's
+    /// handle_path), e.g. /embedding-model/=127.0.0.1:30001; repeatable.
+    #[arg(long = "http-route", value_name = "PREFIX=HOST:PORT")]
+    pub http_route: Vec<String>,
     /// Where OpenVPN (TCP) connections go.
     #[arg(long, value_name = "HOST:PORT")]
     pub openvpn: Option<String>,
@@ -209,6 +213,9 @@ impl RunArgs {
             })?;
             config.on_timeout = Some(index);
         }
+        if !self.http_route.is_empty() {
+            self.add_http_routes(&mut config)?;
+        }
         if !self.takeover.is_empty() || self.takeover_method.is_some() {
             config.takeover = Some(self.takeover_over(&config)?);
         }
@@ -221,6 +228,39 @@ impl RunArgs {
             })?;
         }
         Ok(config)
+    }
+
+    /// `--http-route PREFIX=BACKEND`: path routes, placed before the first
+    /// HTTP route so that they win over a catch-all.
+    fn add_http_routes(&self, config: &mut Config) -> Result<(), CliError> {
+        let mut routes = config.router.routes().to_vec();
+        let at = routes
+            .iter()
+            .position(|r| r.protocol == Protocol::Http)
+            .unwrap_or(routes.len());
+        for (i, spec) in self.http_route.iter().enumerate() {
+            let (prefix, backend) = spec.split_once('=').ok_or_else(|| {
+                flag_error("--http-route", format!("`{spec}` is not PREFIX=HOST:PORT"))
+            })?;
+            if !prefix.starts_with('/') {
+                return Err(flag_error(
+                    "--http-route",
+                    format!("`{prefix}` must start with /"),
+                ));
+            }
+            let backend = Backend::parse(backend).map_err(|m| flag_error("--http-route", m))?;
+            let prefix = crate::http::normalize_prefix(prefix);
+            let name = match prefix.trim_start_matches('/') {
+                "" => "http-route".to_string(),
+                p => p.replace('/', "-"),
+            };
+            let mut route = Route::new(&name, Protocol::Http, backend);
+            route.path_prefix = Some(prefix);
+            route.strip_prefix = true;
+            routes.insert(at + i, route);
+        }
+        config.router = Router::new(routes);
+        Ok(())
     }
 
     /// The takeover the flags ask for, on top of the config's section.
@@ -341,6 +381,8 @@ impl RunArgs {
             connect_timeout: Duration::from_secs(10),
             router: Router::new(routes),
             takeover: None,
+            response_timeout: Duration::from_secs(120),
+            forwarded_headers: true,
         })
     }
 }
@@ -482,6 +524,35 @@ mod tests {
         assert!(
             msg(&["--takeover", "22", "--takeover-method", "magic"])
                 .starts_with("--takeover-method:")
+        );
+    }
+
+    #[test]
+    fn http_route_flags_put_path_routes_before_the_catch_all() {
+        let c = config(&[
+            "-p",
+            "0.0.0.0:2222",
+            "--ssh",
+            "127.0.0.1:22",
+            "--http",
+            "127.0.0.1:30000",
+            "--http-route",
+            "/embedding-model/=127.0.0.1:30001",
+        ])
+        .unwrap();
+        let names: Vec<String> = table(&c).into_iter().map(|(n, ..)| n).collect();
+        assert_eq!(names, vec!["ssh", "embedding-model", "http", "unmatched"]);
+        let r = c.router.route(1);
+        assert_eq!(
+            (r.path_prefix.as_deref(), r.strip_prefix),
+            (Some("/embedding-model"), true)
+        );
+        assert!(c.routes_per_request());
+        assert!(
+            config(&["--http-route", "nope=127.0.0.1:1"])
+                .unwrap_err()
+                .to_string()
+                .starts_with("--http-route:")
         );
     }
 

@@ -63,6 +63,36 @@ pub struct Config {
     pub router: Router,
     /// Ports taken over from their own servers, if any.
     pub takeover: Option<Takeover>,
+    /// HTTP layer: a backend with no response headers by then gets a 504.
+    pub response_timeout: Duration,
+    /// HTTP layer: set X-Forwarded-For, -Proto and -Host.
+    pub forwarded_headers: bool,
+}
+
+impl Config {
+    /// Whether HTTP connections need routing per request: some HTTP route
+    /// depends on the path, which changes from request to request on one
+    /// keep-alive connection. Otherwise a connection is routed once, on its
+    /// first request, and spliced like any other.
+    pub fn routes_per_request(&self) -> bool {
+        self.router.routes().iter().any(|r| r.path_prefix.is_some())
+    }
+
+    /// The HTTP routes, in file order, for the HTTP layer.
+    pub fn http_routes(&self) -> Vec<crate::http::HttpRoute> {
+        self.router
+            .routes()
+            .iter()
+            .filter(|r| matches!(r.protocol, Protocol::Http | Protocol::H2c))
+            .map(|r| crate::http::HttpRoute {
+                name: r.name.clone(),
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                strip_prefix: r.strip_prefix,
+                backend: r.backend.clone(),
+            })
+            .collect()
+    }
 }
 
 impl Config {
@@ -113,6 +143,9 @@ impl Config {
             self.listen.join(", "),
             self.datapath.name()
         ));
+        if self.routes_per_request() {
+            out.push_str("http: routed per request (path prefixes); other connections spliced\n");
+        }
         if let Some(t) = &self.takeover {
             let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
             out.push_str(&format!(
@@ -246,6 +279,8 @@ struct RawConfig {
     classify_timeout: Option<Spanned<DurationValue>>,
     on_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<DurationValue>>,
+    response_timeout: Option<Spanned<DurationValue>>,
+    forwarded_headers: Option<bool>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
     takeover: Option<Spanned<RawTakeover>>,
@@ -267,6 +302,8 @@ struct RawRoute {
     alpn: Option<Spanned<OneOrMany>>,
     host: Option<Spanned<String>>,
     regex: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    strip_prefix: Option<Spanned<bool>>,
     backend: Spanned<String>,
 }
 
@@ -342,6 +379,13 @@ impl Validator<'_> {
             "connect_timeout",
             Duration::from_secs(10),
         )?;
+        // Long enough for a model server to start answering a big prompt;
+        // token streams then flow with no limit.
+        let response_timeout = self.timeout(
+            raw.response_timeout,
+            "response_timeout",
+            Duration::from_secs(120),
+        )?;
 
         if raw.route.is_empty() {
             return Err(self.whole("no [[route]]: add at least one, e.g. protocol = \"ssh\", backend = \"127.0.0.1:22\""));
@@ -397,6 +441,8 @@ impl Validator<'_> {
             connect_timeout,
             router: Router::new(routes),
             takeover,
+            response_timeout,
+            forwarded_headers: raw.forwarded_headers.unwrap_or(true),
         })
     }
 
@@ -497,6 +543,36 @@ impl Validator<'_> {
             "regex",
             Protocol::Regex,
         )?;
+        for (span, key) in [
+            (raw.path_prefix.as_ref().map(Spanned::span), "path_prefix"),
+            (raw.strip_prefix.as_ref().map(Spanned::span), "strip_prefix"),
+        ] {
+            if let Some(span) = span.filter(|_| !matches!(protocol, Protocol::Http | Protocol::H2c))
+            {
+                return Err(self.invalid(
+                    span,
+                    key,
+                    format!(
+                        "only applies to HTTP routes (this route is {})",
+                        protocol.name()
+                    ),
+                ));
+            }
+        }
+        let path_prefix = match &raw.path_prefix {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(self.invalid(
+                    p.span(),
+                    "path_prefix",
+                    format!("`{}` must start with /", p.get_ref()),
+                ));
+            }
+            Some(p) => Some(crate::http::normalize_prefix(p.get_ref())),
+            None => None,
+        };
+        if let (Some(strip), None) = (&raw.strip_prefix, &path_prefix) {
+            return Err(self.invalid(strip.span(), "strip_prefix", "needs a path_prefix to strip"));
+        }
 
         let regex = match raw.regex {
             Some(re) => Some(
@@ -524,6 +600,8 @@ impl Validator<'_> {
                 .unwrap_or_default(),
             host: raw.host.map(|h| Glob::new(h.get_ref())),
             regex,
+            path_prefix,
+            strip_prefix: raw.strip_prefix.is_some_and(|s| *s.get_ref()),
             backend,
         })
     }

@@ -10,15 +10,40 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout_at;
 
-use crate::classify::{Found, MAX_CLASSIFY_BYTES, Protocol};
+use crate::classify::{Found, MAX_CLASSIFY_BYTES, Protocol, has_request_line};
 use crate::config::Config;
 use crate::datapath::{DataPath, Relayed};
+use crate::http::{HttpLayer, HttpSettings};
 use crate::route::{Decision, Route};
 
 /// What every connection task shares.
 pub struct Shared {
     pub config: Config,
     pub datapath: DataPath,
+    /// Set when HTTP connections are routed per request.
+    pub http: Option<Arc<HttpLayer>>,
+}
+
+impl Shared {
+    /// Everything a server needs, the HTTP layer built when the routes ask
+    /// for it.
+    pub fn new(config: Config, datapath: DataPath) -> Shared {
+        let http = config.routes_per_request().then(|| {
+            Arc::new(HttpLayer::new(
+                config.http_routes(),
+                HttpSettings {
+                    connect_timeout: config.connect_timeout,
+                    response_timeout: config.response_timeout,
+                    forwarded_headers: config.forwarded_headers,
+                },
+            ))
+        });
+        Shared {
+            config,
+            datapath,
+            http,
+        }
+    }
 }
 
 /// How classification ended.
@@ -71,6 +96,22 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
                 prefix.len(),
                 preview(&prefix)
             );
+            // An HTTP client whose request broke down after its request line
+            // hears why, where an HTTP route could have taken it.
+            let http_routes = shared
+                .config
+                .router
+                .routes()
+                .iter()
+                .any(|r| r.protocol == Protocol::Http);
+            if http_routes && has_request_line(&prefix) {
+                respond(
+                    &mut client,
+                    "400 Bad Request",
+                    "mux: malformed HTTP request\n",
+                )
+                .await;
+            }
             return;
         }
     };
@@ -79,6 +120,19 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         Some(f) => describe(f),
         None => "silent".to_string(),
     };
+    if let (Some(http), Some(found @ (Found::Http(_) | Found::H2c))) = (&shared.http, &found) {
+        let h2c = matches!(found, Found::H2c);
+        let _ = client.set_nodelay(true);
+        let ended = match http.clone().serve(client, prefix, peer, h2c).await {
+            Ok(()) => String::new(),
+            Err(e) => format!(" ended by: {e}"),
+        };
+        log::info!(
+            "{peer} http connection {:.3}s datapath=http{ended}",
+            started.elapsed().as_secs_f64()
+        );
+        return;
+    }
 
     let mut backend = match shared
         .datapath
@@ -198,8 +252,13 @@ async fn bad_gateway(client: &mut TcpStream, route: &Route, error: &io::Error) {
         route.backend,
         error.kind()
     );
+    respond(client, "502 Bad Gateway", &body).await;
+}
+
+/// Answers an HTTP client whose request mux cannot serve, then closes.
+async fn respond(client: &mut TcpStream, status: &str, body: &str) {
     let response = format!(
-        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = client.write_all(response.as_bytes()).await;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod datapath;
 pub mod ebpf;
+pub mod http;
 pub mod privileges;
 pub mod route;
 pub mod server;
@@ -25,7 +26,7 @@ pub use server::Server;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (datapath, why) = datapath::DataPath::select(config.datapath)?;
     log::info!("datapath {why}");
-    let server = Server::bind(connection::Shared { config, datapath }).await?;
+    let server = Server::bind(connection::Shared::new(config, datapath)).await?;
     server.serve(shutdown).await;
     Ok(())
 }

@@ -84,7 +84,7 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
         let takeover = config.takeover.clone();
-        let server = Server::bind(Shared { config, datapath }).await?;
+        let server = Server::bind(Shared::new(config, datapath)).await?;
         for addr in server.local_addrs() {
             log::info!("listening on {addr}");
         }

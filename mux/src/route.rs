@@ -113,6 +113,11 @@ pub struct Route {
     pub host: Option<Glob>,
     /// Regex routes: the pattern run on the first bytes.
     pub regex: Option<regex::bytes::Regex>,
+    /// HTTP only: the request path must lie under this prefix (decided per
+    /// request, by the HTTP layer).
+    pub path_prefix: Option<String>,
+    /// HTTP only: remove `path_prefix` before forwarding.
+    pub strip_prefix: bool,
     pub backend: Backend,
 }
 
@@ -126,6 +131,8 @@ impl Route {
             alpn: Vec::new(),
             host: None,
             regex: None,
+            path_prefix: None,
+            strip_prefix: false,
             backend,
         }
     }
@@ -168,6 +175,10 @@ impl Route {
         if let Some(re) = &self.regex {
             parts.push(format!("regex={}", re.as_str()));
         }
+        if let Some(prefix) = &self.path_prefix {
+            let strip = if self.strip_prefix { " (stripped)" } else { "" };
+            parts.push(format!("path={prefix}/*{strip}"));
+        }
         if parts.is_empty() {
             "-".to_string()
         } else {
@@ -177,7 +188,7 @@ impl Route {
 }
 
 /// `example.com:8080` -> `example.com`, `[::1]:80` -> `::1`.
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split_once(']').map_or(rest, |(h, _)| h);
     }

@@ -63,6 +63,13 @@ pub fn probe(buf: &[u8], last: bool) -> Probe<HttpInfo> {
     })
 }
 
+/// Whether `buf` starts with a complete, valid request line: the client
+/// speaks HTTP, even if what follows is malformed (it then deserves a 400
+/// rather than a silent close).
+pub fn has_request_line(buf: &[u8]) -> bool {
+    request_line(&mut Cursor::open(buf)).is_ok()
+}
+
 fn request_line<'a>(c: &mut Cursor<'a>) -> Result<(&'a [u8], &'a [u8], u8), Stop> {
     let method = c.token(MAX_METHOD_LEN, |b| b == b' ', is_method_char)?;
     if method.is_empty() {

@@ -7,7 +7,7 @@ mod socks5;
 mod ssh;
 mod tls;
 
-pub use http::HttpInfo;
+pub use http::{HttpInfo, has_request_line};
 pub use tls::TlsInfo;
 
 /// Cap on the bytes read before a decision is forced. Large enough for a
