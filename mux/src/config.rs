@@ -161,7 +161,7 @@ impl Config {
 /// What went wrong, with enough to find it: file, line and key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}")]
     Read {
         file: String,
         source: std::io::Error,

@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 pub enum PrivilegeError {
     #[error("--user {0}: no such user")]
     NoSuchUser(String),
-    #[error("--user {user}: {step} failed: {source}")]
+    #[error("--user {user}: {step} failed")]
     Switch {
         user: String,
         step: &'static str,
         source: io::Error,
     },
-    #[error("--pidfile {path}: {source}")]
+    #[error("--pidfile {path}")]
     Pidfile { path: PathBuf, source: io::Error },
 }
 

@@ -22,11 +22,11 @@ pub struct Server {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("listen address {addr}: cannot resolve: {source}")]
+    #[error("listen address {addr}: cannot resolve")]
     Resolve { addr: String, source: io::Error },
     #[error("listen address {addr}: resolves to no address")]
     Empty { addr: String },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("listening on {addr}: registering the port with the kernel path")]
     Kernel {

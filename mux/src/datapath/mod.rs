@@ -53,7 +53,6 @@ pub struct Connected {
 
 impl DataPath {
     /// The path for a configured kind, and why, for the start-up log.
-    /// `auto` takes the kernel path when the programs load, else splice.
     pub fn select(kind: DataPathKind) -> Result<(DataPath, String), DataPathError> {
         match kind {
             // Not the kernel path, even where it loads: with the bound that
@@ -126,12 +125,18 @@ impl DataPath {
                 "copy"
             }
             DataPath::Splice | DataPath::Kernel(_) => {
-                // On the kernel path the backend-to-client pump normally sees
-                // only the backend's FIN (its bytes went to the client in
-                // the kernel); it still carries anything sent before the
-                // capture, and everything for a backend the kernel did not
-                // take.
-                r.error = splice_pair(client, &backend.stream, &mut r).await.err();
+                // On the kernel path the backend-to-client pump carries what
+                // the kernel let through the normal way (a backend the
+                // kernel did not take, or sends past the client's bound),
+                // and the backend's FIN; each delivery is reported back so
+                // that the kernel can resume redirecting.
+                let lease = backend.lease.as_ref();
+                let report = |total: u64| {
+                    if let Some(lease) = lease {
+                        lease.delivered(total);
+                    }
+                };
+                r.error = splice_pair(client, &backend.stream, &mut r, report).await.err();
                 "splice"
             }
         };
@@ -147,17 +152,19 @@ impl DataPath {
     }
 }
 
+/// Splices both ways; `delivered` hears the running total given to the client.
 async fn splice_pair(
     client: &TcpStream,
     backend: &TcpStream,
     r: &mut Relayed,
+    delivered: impl FnMut(u64),
 ) -> io::Result<((), ())> {
     match splice::Pipes::new() {
         Ok(mut pipes) => {
             let (a, b) = pipes.halves();
             tokio::try_join!(
-                pump(client, backend, a, &mut r.up),
-                pump(backend, client, b, &mut r.down)
+                pump(client, backend, a, &mut r.up, |_| {}),
+                pump(backend, client, b, &mut r.down, delivered)
             )
         }
         Err(e) => {
@@ -175,8 +182,8 @@ async fn copy_pair(
     r: &mut Relayed,
 ) -> io::Result<((), ())> {
     tokio::try_join!(
-        pump(client, backend, copy::Buffer::new(), &mut r.up),
-        pump(backend, client, copy::Buffer::new(), &mut r.down)
+        pump(client, backend, copy::Buffer::new(), &mut r.up, |_| {}),
+        pump(backend, client, copy::Buffer::new(), &mut r.down, |_| {})
     )
 }
 
@@ -198,11 +205,14 @@ trait Stage {
 
 /// Moves bytes one way until EOF, then shuts down `dst`'s write half.
 /// Never holds more than one stage's worth: a slow reader stalls the writer.
+/// `moved` counts the bytes given to `dst`; `on_drained` hears that total
+/// each time the stage is empty again.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     mut stage: impl Stage,
     moved: &mut u64,
+    mut on_drained: impl FnMut(u64),
 ) -> io::Result<()> {
     loop {
         let n = ready(src, Interest::READABLE, || stage.fill(src)).await?;
@@ -215,6 +225,7 @@ async fn pump(
             pending -= w;
             *moved += w as u64;
         }
+        on_drained(*moved);
     }
 }
 

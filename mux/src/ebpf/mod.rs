@@ -47,7 +47,7 @@ pub enum EbpfError {
     #[error("no cgroup v2 file system is mounted (none in /proc/mounts)")]
     NoCgroup2,
     /// Reading `/proc/mounts` or opening the cgroup directory failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -55,7 +55,7 @@ pub enum EbpfError {
         source: io::Error,
     },
     /// aya could not parse or load the object (maps included).
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
     /// The object lacks a program or map mux expects: mux and mux-ebpf
     /// disagree, which only a build mix-up can cause.
@@ -65,21 +65,21 @@ pub enum EbpfError {
         name: &'static str,
     },
     /// Loading (verifier) or attaching a program failed.
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
     /// A map operation failed.
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
     },
     /// A socket query (address, namespace cookie) failed.
-    #[error("socket {what}: {source}")]
+    #[error("socket {what}")]
     Socket {
         what: &'static str,
         #[source]
