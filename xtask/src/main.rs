@@ -1,6 +1,7 @@
-//! `cargo xtask`: the one entry point to build, run and test mux on a fresh machine. Each
+//! `cargo xtask`: the one entry point to build, run, test and benchmark mux on a fresh machine. Each
 //! command first installs what it needs (and only checks, quickly, when all is there).
 
+mod bench;
 mod run;
 mod setup;
 mod test;
@@ -39,11 +40,17 @@ enum Cmd {
     /// Installs what is missing first (needs root for Debian packages). Every phase runs even
     /// if an earlier one fails; the exit status is non-zero if any failed.
     Test(test::Args),
+    /// Benchmark mux against direct, sslh, HAProxy and Caddy on loopback
+    ///
+    /// Installs what is missing first (root: Debian packages, and the eBPF data path), builds
+    /// release binaries, and writes bench/results/latest.{md,json} and SVG charts.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Run { args } => run::run_mux(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Test(args) => test::test(&args),
+        Cmd::Bench(args) => bench::bench(&args),
     }
 }

@@ -18,6 +18,8 @@ pub enum Purpose {
     Build,
     /// Build, then run the whole test suite against real peers, and fuzz.
     Test,
+    /// Build, then benchmark mux against the proxies it is compared with.
+    Bench,
 }
 
 /// bpf-linker links against this LLVM, so the Debian packages and the crate feature must agree.
@@ -36,6 +38,13 @@ const PEER_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "iperf3",
 ];
+/// What `cargo xtask bench` drives and compares mux with.
+const BENCH_PACKAGES: &[&str] = &["iperf3", "wrk", "sslh", "haproxy", "caddy"];
+/// Debian's maintainer scripts start a package's service on install (sslh, HAProxy and Caddy
+/// with their default configs and ports, sshd too). Nothing here wants system services: the
+/// tests and benchmarks start their own instances. invoke-rc.d asks this script first, and
+/// its exit status 101 means "action forbidden".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// Pinned so a fresh machine gets what CI was green with: bpf-linker's `llvm-NN` features
 /// follow LLVM releases, and a new one may drop the LLVM that Debian gives us.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -44,8 +53,10 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 pub fn ensure(purpose: Purpose) -> Result<()> {
     let start = Instant::now();
     let mut groups = vec![EBPF_PACKAGES];
-    if purpose == Purpose::Test {
-        groups.push(PEER_PACKAGES);
+    match purpose {
+        Purpose::Build => {}
+        Purpose::Test => groups.push(PEER_PACKAGES),
+        Purpose::Bench => groups.push(BENCH_PACKAGES),
     }
     debian_packages(&groups)?;
     nightly_rust_src()?;
@@ -138,9 +149,11 @@ fn debian_packages(groups: &[&[&str]]) -> Result<()> {
         );
     }
     say("setup", format!("installing: {}", missing.join(" ")));
+    let no_services = NoServiceStarts::forbid()?;
     for mut cmd in commands {
         run("setup", &mut cmd)?;
     }
+    drop(no_services);
     let still = missing_packages(&missing)?;
     if !still.is_empty() {
         bail!("apt-get install succeeded, yet still missing: {still:?}");
@@ -154,6 +167,53 @@ fn debian_packages(groups: &[&[&str]]) -> Result<()> {
         ),
     );
     Ok(())
+}
+
+/// Forbids service starts while it lives (see [`POLICY_RC_D`]). An existing policy is the
+/// machine owner's: it is left as it is, and not removed afterwards.
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn forbid() -> Result<NoServiceStarts> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(POLICY_RC_D);
+        match file {
+            Ok(mut f) => {
+                use std::io::Write;
+                f.write_all(b"#!/bin/sh\n# cargo xtask: no service starts during its apt-get install\nexit 101\n")
+                    .with_context(|| format!("writing {POLICY_RC_D}"))?;
+                say(
+                    "setup",
+                    format!("{POLICY_RC_D}: services will not start during the install"),
+                );
+                Ok(NoServiceStarts { created: true })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                say("setup", format!("{POLICY_RC_D}: present, left as it is"));
+                Ok(NoServiceStarts { created: false })
+            }
+            Err(e) => Err(e).with_context(|| format!("creating {POLICY_RC_D}")),
+        }
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.created
+            && let Err(e) = std::fs::remove_file(POLICY_RC_D)
+        {
+            say(
+                "setup",
+                format!("cannot remove {POLICY_RC_D}: {e}; remove it by hand"),
+            );
+        }
+    }
 }
 
 fn missing_packages(wanted: &[&str]) -> Result<BTreeSet<String>> {
