@@ -136,7 +136,9 @@ impl DataPath {
                         lease.delivered(total);
                     }
                 };
-                r.error = splice_pair(client, &backend.stream, &mut r, report).await.err();
+                r.error = splice_pair(client, &backend.stream, &mut r, report)
+                    .await
+                    .err();
                 "splice"
             }
         };

@@ -463,8 +463,13 @@ fn mux_config(dp: Datapath, routes: Routes) -> String {
     let routes = match routes {
         Routes::Any(b) => route("any", "any", b),
         Routes::SshHttp { ssh, http } => route("ssh", "ssh", ssh) + &route("http", "http", http),
-        // mux routes HTTP per connection (protocol, Host); paths are not routed yet.
-        Routes::HttpPaths { main, .. } => route("http", "http", main),
+        // The issue's Caddyfile, in mux's terms: routed per request.
+        Routes::HttpPaths { main, embed } => {
+            format!(
+                "\n[[route]]\nname = \"embed\"\nprotocol = \"http\"\npath_prefix = \"/embedding-model/\"\n\
+                 strip_prefix = true\nbackend = \"{embed}\"\n"
+            ) + &route("http", "http", main)
+        }
     };
     format!("listen = \"127.0.0.1:0\"\ndatapath = \"{datapath}\"\n{routes}")
 }
@@ -581,12 +586,20 @@ mod tests {
     }
 
     #[test]
-    fn mux_gets_no_path_routes() {
+    fn mux_gets_the_path_routes() {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
         let cfg = mux_config(Datapath::Splice, Routes::HttpPaths { main: a, embed: b });
-        assert!(cfg.contains("backend = \"127.0.0.1:1\""));
-        assert!(!cfg.contains("127.0.0.1:2"));
+        let embed = cfg.find("backend = \"127.0.0.1:2\"").unwrap();
+        let main = cfg.find("backend = \"127.0.0.1:1\"").unwrap();
+        assert!(
+            embed < main,
+            "the path route must come before the catch-all:\n{cfg}"
+        );
+        assert!(
+            cfg.contains("path_prefix = \"/embedding-model/\"")
+                && cfg.contains("strip_prefix = true")
+        );
         assert!(cfg.contains("datapath = \"splice\""));
     }
 

@@ -27,10 +27,10 @@ const TCP_SYSTEMS: &[System] = &[
     System::SslhSelect,
     System::HaproxyTcp,
 ];
-/// mux routes HTTP per connection; HAProxy and Caddy get the path routes.
+/// mux, HAProxy and Caddy all get the path routes. mux serves them in its
+/// HTTP layer, whatever its data path, so one mux is enough.
 const HTTP_SYSTEMS: &[System] = &[
     System::Direct,
-    System::Mux(Datapath::Ebpf),
     System::Mux(Datapath::Splice),
     System::HaproxyHttp,
     System::Caddy,
@@ -194,11 +194,10 @@ impl Workload {
                 .into(),
             Workload::Http => format!(
                 "`wrk -t2 -c64 -d{}s --latency` on each path (keep-alive). HAProxy (`mode http`, `path_beg` + \
-                 `replace-path`) and Caddy (`handle_path`) route `/embedding-model/*` to a second backend with \
-                 the prefix stripped; mux has no path routes yet (it routes HTTP per connection, by Host), so \
-                 it sends every request to the main backend (the same work for the backend: both answer \
-                 `ok NAME`). Direct: wrk to each backend (`/v1/models`). sslh takes no part: it cannot route \
-                 HTTP by path either.",
+                 `replace-path`), Caddy (`handle_path`) and mux (`path_prefix` with `strip_prefix`, routed per \
+                 request by its HTTP layer) route `/embedding-model/*` to a second backend with the prefix \
+                 stripped. Direct: wrk to each backend (`/v1/models`). sslh takes no part: it cannot route \
+                 HTTP by path.",
                 p.http_secs
             ),
         }
@@ -756,7 +755,7 @@ fn wrk_ms(v: &str) -> Option<f64> {
 }
 
 /// Which backend answers each path, checked once per system: a note when it is not the one
-/// the issue's path routes want (mux, sslh: no path routing).
+/// the issue's path routes want.
 fn http_answers(r: &Running, routes: Routes) -> Option<String> {
     let (Some(front), Routes::HttpPaths { .. }) = (r.addr, routes) else {
         return None;
