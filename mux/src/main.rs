@@ -75,7 +75,8 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         Ok(n) => log::debug!("open file limit: {n}"),
         Err(e) => log::warn!("cannot raise the open file limit: {e}"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The server adds a single-threaded runtime per further CPU itself.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -118,7 +118,7 @@ impl Kernel {
 
     /// Registers a listening port so the kernel follows what its clients
     /// acknowledge (see `KernelPrograms::listen`).
-    pub fn listen(&self, listener: &tokio::net::TcpListener) -> Result<(), EbpfError> {
+    pub fn listen(&self, listener: &std::net::TcpListener) -> Result<(), EbpfError> {
         let port = listener
             .local_addr()
             .map_err(|e| EbpfError::Socket {

@@ -9,7 +9,7 @@ use aya::{
     programs::SkLookup,
 };
 use mux_common::{LISTENER_V4, LISTENER_V6, MAP_LISTENERS, MAP_TAKEOVER, PROG_SK_LOOKUP};
-use tokio::net::TcpListener;
+use std::net::TcpListener;
 
 use super::{
     EbpfError,

@@ -6,6 +6,7 @@
 mod rewind;
 pub mod routes;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
@@ -30,12 +31,30 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// headers before it is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The HTTP routes and a pooled client to their backends.
+/// The HTTP routes and how to reach their backends.
 pub struct HttpLayer {
     routes: Vec<HttpRoute>,
-    client: Client<HttpConnector, Incoming>,
+    connect_timeout: Duration,
     response_timeout: Duration,
     forwarded_headers: bool,
+}
+
+/// One client connection's connections to the backends, one per route,
+/// opened on first use and kept alive. An HTTP/1 client sends one request
+/// at a time, so one backend connection per route is all it can use, and
+/// keeping them per client spares every request a trip through a shared
+/// pool.
+#[derive(Default)]
+struct Upstreams {
+    by_route: tokio::sync::Mutex<HashMap<usize, SendRequest<Incoming>>>,
+}
+
+/// Why a request could not be forwarded.
+enum ForwardError {
+    /// No connection to the backend (refused, unreachable, timed out).
+    Connect(std::io::Error),
+    /// The backend connection failed during the exchange.
+    Exchange(hyper::Error),
 }
 
 /// Knobs of the HTTP layer, from the configuration.
@@ -49,15 +68,9 @@ pub struct HttpSettings {
 
 impl HttpLayer {
     pub fn new(routes: Vec<HttpRoute>, settings: HttpSettings) -> HttpLayer {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         HttpLayer {
             routes,
-            client,
+            connect_timeout: settings.connect_timeout,
             response_timeout: settings.response_timeout,
             forwarded_headers: settings.forwarded_headers,
         }
@@ -73,9 +86,10 @@ impl HttpLayer {
         h2c: bool,
     ) -> hyper::Result<()> {
         let io = TokioIo::new(Rewind::new(prefix, stream));
+        let upstreams = Arc::new(Upstreams::default());
         let service = hyper::service::service_fn(move |req| {
-            let layer = self.clone();
-            async move { Ok::<_, Infallible>(layer.handle(req, peer).await) }
+            let (layer, upstreams) = (self.clone(), upstreams.clone());
+            async move { Ok::<_, Infallible>(layer.handle(req, peer, &upstreams).await) }
         });
         if h2c {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -94,35 +108,39 @@ impl HttpLayer {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        upstreams: &Upstreams,
+    ) -> Response<Body> {
         let started = Instant::now();
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let path = req.uri().path().to_string();
-        let method = req.method().clone();
-        let shown = format!("{peer} {method} {}{path}", host.as_deref().unwrap_or(""));
+        // Cheap copies (shared buffers) of what the logs and the routing
+        // need, since the request itself goes on to the backend.
+        let shown = Shown {
+            peer,
+            method: req.method().clone(),
+            host: req.headers().get(header::HOST).cloned(),
+            uri: req.uri().clone(),
+        };
+        let host = shown.host();
+        let path = shown.uri.path();
 
-        let Some(route) = routes::route_for(&self.routes, host.as_deref(), &path) else {
+        let Some(index) = routes::route_for(&self.routes, host, path) else {
             log::info!("{shown}: no route; 404");
             return text(
                 StatusCode::NOT_FOUND,
-                format!(
-                    "mux: no route for {}{path}\n",
-                    host.as_deref().unwrap_or("")
-                ),
+                format!("mux: no route for {}{path}\n", host.unwrap_or("")),
             );
         };
+        let route = &self.routes[index];
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let target = format!("http://{}{}", route.backend, route.rewrite(path_and_query));
-        let uri: Uri = match target.parse() {
+        // Origin form, as a backend expects it from a client.
+        let uri: Uri = match route.rewrite(path_and_query).parse() {
             Ok(uri) => uri,
             Err(e) => {
                 log::warn!(
-                    "{shown}: route `{}`: cannot address the backend: {e}; 400",
+                    "{shown}: route `{}`: cannot rewrite the target: {e}; 400",
                     route.name
                 );
                 return text(
@@ -136,52 +154,63 @@ impl HttpLayer {
         *req.uri_mut() = uri;
         remove_hop_by_hop(req.headers_mut(), upgrade);
         if self.forwarded_headers {
-            add_forwarded(req.headers_mut(), peer, host.as_deref());
+            add_forwarded(req.headers_mut(), peer, host);
         }
 
-        let mut res =
-            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-                Err(_elapsed) => {
-                    log::warn!(
-                        "{shown}: route `{}`: backend {} sent no response within {:?}; 504",
-                        route.name,
-                        route.backend,
-                        self.response_timeout
-                    );
-                    return text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "mux: route {}: backend {} did not answer within {:?}\n",
-                            route.name, route.backend, self.response_timeout
-                        ),
-                    );
-                }
-                Ok(Err(e)) => {
-                    let why = reason(&e);
-                    log::warn!(
-                        "{shown}: route `{}`: backend {} failed: {why}; 502",
-                        route.name,
-                        route.backend
-                    );
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "mux: route {}: backend {} is unavailable ({why})\n",
-                            route.name, route.backend
-                        ),
-                    );
-                }
-                Ok(Ok(res)) => res,
-            };
+        if !req.headers().contains_key(header::HOST) {
+            // HTTP/1.1 requires one; an HTTP/1.0 client may not have sent it.
+            if let Ok(v) = HeaderValue::from_str(route.backend.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let exchange = self.forward(upstreams, index, req);
+        let mut res = match tokio::time::timeout(self.response_timeout, exchange).await {
+            Err(_elapsed) => {
+                log::warn!(
+                    "{shown}: route `{}`: backend {} sent no response within {:?}; 504",
+                    route.name,
+                    route.backend,
+                    self.response_timeout
+                );
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "mux: route {}: backend {} did not answer within {:?}\n",
+                        route.name, route.backend, self.response_timeout
+                    ),
+                );
+            }
+            Ok(Err(e)) => {
+                let why = match e {
+                    ForwardError::Connect(e) => e.kind().to_string(),
+                    ForwardError::Exchange(e) => e.to_string(),
+                };
+                log::warn!(
+                    "{shown}: route `{}`: backend {} failed: {why}; 502",
+                    route.name,
+                    route.backend
+                );
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "mux: route {}: backend {} is unavailable ({why})\n",
+                        route.name, route.backend
+                    ),
+                );
+            }
+            Ok(Ok(res)) => res,
+        };
         let status = res.status();
         match client_side {
             Some(client_side) if status == StatusCode::SWITCHING_PROTOCOLS => {
                 let backend_side = hyper::upgrade::on(&mut res);
-                tokio::spawn(bridge(client_side, backend_side, shown.clone()));
+                tokio::spawn(bridge(client_side, backend_side, shown.to_string()));
             }
             _ => remove_hop_by_hop(res.headers_mut(), false),
         }
-        log::info!(
+        // One line per request is for debugging: at tens of thousands of
+        // requests a second, writing them costs a quarter of the throughput.
+        log::debug!(
             "{shown} route={} backend={} status={} {:.3}s",
             route.name,
             route.backend,
@@ -189,6 +218,91 @@ impl HttpLayer {
             started.elapsed().as_secs_f64()
         );
         res.map(BodyExt::boxed)
+    }
+}
+
+impl HttpLayer {
+    /// Sends `req` to route `index`'s backend over this client's connection
+    /// to it, opening (or reopening) that connection as needed.
+    async fn forward(
+        &self,
+        upstreams: &Upstreams,
+        index: usize,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut by_route = upstreams.by_route.lock().await;
+        let reusable = match by_route.get_mut(&index) {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            let sender = self.connect(index).await?;
+            by_route.insert(index, sender);
+        }
+        let sender = by_route.get_mut(&index).expect("inserted above");
+        // The response future owns what it needs: the lock can go before
+        // the backend answers.
+        let response = sender.send_request(req);
+        drop(by_route);
+        response.await.map_err(ForwardError::Exchange)
+    }
+
+    async fn connect(&self, index: usize) -> Result<SendRequest<Incoming>, ForwardError> {
+        let backend = &self.routes[index].backend;
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(backend.as_str()))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(ForwardError::Connect(e)),
+                Err(_) => {
+                    return Err(ForwardError::Connect(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {:?}", self.connect_timeout),
+                    )));
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(ForwardError::Exchange)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                log::debug!("backend connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// A request as its log lines show it, formatted only when one is written.
+struct Shown {
+    peer: SocketAddr,
+    method: hyper::Method,
+    host: Option<HeaderValue>,
+    uri: Uri,
+}
+
+impl Shown {
+    /// The Host header, or else the authority of an absolute-form target.
+    fn host(&self) -> Option<&str> {
+        self.host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+    }
+}
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {}{}",
+            self.peer,
+            self.method,
+            self.host().unwrap_or(""),
+            self.uri.path()
+        )
     }
 }
 
@@ -206,18 +320,6 @@ async fn bridge(client: OnUpgrade, backend: OnUpgrade, shown: String) {
         }
         Err(e) => log::warn!("{shown}: upgrade failed: {e}"),
     }
-}
-
-/// The root cause of a client error, as short as a log line wants it.
-fn reason(e: &hyper_util::client::legacy::Error) -> String {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind().to_string();
-        }
-        source = s.source();
-    }
-    e.to_string()
 }
 
 /// A response with a one-line plain-text body.

@@ -57,13 +57,9 @@ fn under(path: &str, prefix: &str) -> bool {
     }
 }
 
-/// The first route, in file order, that takes the request.
-pub fn route_for<'a>(
-    routes: &'a [HttpRoute],
-    host: Option<&str>,
-    path: &str,
-) -> Option<&'a HttpRoute> {
-    routes.iter().find(|r| r.accepts(host, path))
+/// The index of the first route, in file order, that takes the request.
+pub fn route_for(routes: &[HttpRoute], host: Option<&str>, path: &str) -> Option<usize> {
+    routes.iter().position(|r| r.accepts(host, path))
 }
 
 #[cfg(test)]
@@ -86,7 +82,8 @@ mod tests {
             route("embed", None, Some("/embedding-model/"), true),
             route("llm", None, None, false),
         ];
-        let r = route_for(&routes, Some("box:2222"), "/embedding-model/v1/models").unwrap();
+        let r =
+            &routes[route_for(&routes, Some("box:2222"), "/embedding-model/v1/models").unwrap()];
         assert_eq!(r.name, "embed");
         assert_eq!(
             r.rewrite("/embedding-model/v1/models?x=1&y=2"),
@@ -94,14 +91,12 @@ mod tests {
         );
         assert_eq!(r.rewrite("/embedding-model"), "/");
         assert_eq!(r.rewrite("/embedding-model?q"), "/?q");
-        let r = route_for(&routes, Some("box"), "/v1/models").unwrap();
+        let r = &routes[route_for(&routes, Some("box"), "/v1/models").unwrap()];
         assert_eq!(r.name, "llm");
         assert_eq!(r.rewrite("/v1/models?x=1"), "/v1/models?x=1");
         // A segment boundary, not a string prefix.
         assert_eq!(
-            route_for(&routes, None, "/embedding-models/x")
-                .unwrap()
-                .name,
+            routes[route_for(&routes, None, "/embedding-models/x").unwrap()].name,
             "llm"
         );
     }
@@ -121,18 +116,14 @@ mod tests {
             route("rest", None, None, false),
         ];
         assert_eq!(
-            route_for(&routes, Some("EMBED.example.com:2222"), "/")
-                .unwrap()
-                .name,
+            routes[route_for(&routes, Some("EMBED.example.com:2222"), "/").unwrap()].name,
             "embed"
         );
         assert_eq!(
-            route_for(&routes, Some("llm.example.com"), "/")
-                .unwrap()
-                .name,
+            routes[route_for(&routes, Some("llm.example.com"), "/").unwrap()].name,
             "rest"
         );
-        assert_eq!(route_for(&routes, None, "/").unwrap().name, "rest");
+        assert_eq!(routes[route_for(&routes, None, "/").unwrap()].name, "rest");
     }
 
     #[test]

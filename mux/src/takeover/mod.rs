@@ -6,7 +6,7 @@ mod iptables;
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
+use std::net::TcpListener;
 
 use crate::ebpf::{EbpfError, PortTakeover};
 pub use iptables::{Guard, cleanup, guard};
