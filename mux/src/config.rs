@@ -93,6 +93,7 @@ impl Config {
                 path_prefix: r.path_prefix.clone(),
                 strip_prefix: r.strip_prefix,
                 backend: r.backend.clone(),
+                proxy_protocol: r.proxy_protocol,
             })
             .collect()
     }
@@ -326,6 +327,7 @@ struct RawRoute {
     path_prefix: Option<Spanned<String>>,
     strip_prefix: Option<Spanned<bool>>,
     backend: Spanned<String>,
+    proxy_protocol: Option<Spanned<String>>,
 }
 
 /// Turns spans into the line numbers that errors cite.
@@ -709,6 +711,18 @@ impl Validator<'_> {
         };
         let backend = Backend::parse(raw.backend.get_ref())
             .map_err(|m| self.invalid(raw.backend.span(), "backend", m))?;
+        let proxy_protocol = match raw.proxy_protocol {
+            None => None,
+            Some(v) => Some(
+                crate::proxy_protocol::Version::parse(v.get_ref()).ok_or_else(|| {
+                    self.invalid(
+                        v.span(),
+                        "proxy_protocol",
+                        format!("`{}` is not one of v1, v2", v.get_ref()),
+                    )
+                })?,
+            ),
+        };
         Ok(Route {
             name,
             protocol,
@@ -722,6 +736,7 @@ impl Validator<'_> {
             path_prefix,
             strip_prefix: raw.strip_prefix.is_some_and(|s| *s.get_ref()),
             backend,
+            proxy_protocol,
         })
     }
 }

@@ -185,7 +185,16 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     let _ = client.set_nodelay(true);
     let _ = backend.stream.set_nodelay(true);
 
-    let (relayed, datapath) = match backend.stream.write_all(&prefix).await {
+    // The PROXY header goes first, in the same write as the prefix.
+    let first = match (route.proxy_protocol, client.local_addr()) {
+        (Some(version), Ok(local)) => {
+            let mut first = crate::proxy_protocol::header(version, peer, local);
+            first.extend_from_slice(&prefix);
+            std::borrow::Cow::Owned(first)
+        }
+        _ => std::borrow::Cow::Borrowed(&prefix[..]),
+    };
+    let (relayed, datapath) = match backend.stream.write_all(&first).await {
         Ok(()) => {
             let (mut relayed, datapath) = shared.datapath.relay(&client, backend).await;
             relayed.up += prefix.len() as u64;

@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod http;
 pub mod privileges;
+pub mod proxy_protocol;
 pub mod route;
 pub mod server;
 pub mod takeover;

@@ -119,6 +119,8 @@ pub struct Route {
     /// HTTP only: remove `path_prefix` before forwarding.
     pub strip_prefix: bool,
     pub backend: Backend,
+    /// A PROXY protocol header to send the backend first.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 }
 
 impl Route {
@@ -134,6 +136,7 @@ impl Route {
             path_prefix: None,
             strip_prefix: false,
             backend,
+            proxy_protocol: None,
         }
     }
 
@@ -178,6 +181,9 @@ impl Route {
         if let Some(prefix) = &self.path_prefix {
             let strip = if self.strip_prefix { " (stripped)" } else { "" };
             parts.push(format!("path={prefix}/*{strip}"));
+        }
+        if let Some(v) = self.proxy_protocol {
+            parts.push(format!("proxy_protocol={}", v.name()));
         }
         if parts.is_empty() {
             "-".to_string()

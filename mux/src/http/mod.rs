@@ -44,9 +44,11 @@ pub struct HttpLayer {
 /// at a time, so one backend connection per route is all it can use, and
 /// keeping them per client spares every request a trip through a shared
 /// pool.
-#[derive(Default)]
 struct Upstreams {
     by_route: tokio::sync::Mutex<HashMap<usize, SendRequest<Incoming>>>,
+    /// The client and the address it dialled, for PROXY protocol headers.
+    client: SocketAddr,
+    local: Option<SocketAddr>,
 }
 
 /// Why a request could not be forwarded.
@@ -85,8 +87,12 @@ impl HttpLayer {
         peer: SocketAddr,
         h2c: bool,
     ) -> hyper::Result<()> {
+        let upstreams = Arc::new(Upstreams {
+            by_route: Default::default(),
+            client: peer,
+            local: stream.local_addr().ok(),
+        });
         let io = TokioIo::new(Rewind::new(prefix, stream));
-        let upstreams = Arc::new(Upstreams::default());
         let service = hyper::service::service_fn(move |req| {
             let (layer, upstreams) = (self.clone(), upstreams.clone());
             async move { Ok::<_, Infallible>(layer.handle(req, peer, &upstreams).await) }
@@ -236,7 +242,7 @@ impl HttpLayer {
             None => false,
         };
         if !reusable {
-            let sender = self.connect(index).await?;
+            let sender = self.connect(index, upstreams).await?;
             by_route.insert(index, sender);
         }
         let sender = by_route.get_mut(&index).expect("inserted above");
@@ -247,9 +253,14 @@ impl HttpLayer {
         response.await.map_err(ForwardError::Exchange)
     }
 
-    async fn connect(&self, index: usize) -> Result<SendRequest<Incoming>, ForwardError> {
-        let backend = &self.routes[index].backend;
-        let stream =
+    async fn connect(
+        &self,
+        index: usize,
+        upstreams: &Upstreams,
+    ) -> Result<SendRequest<Incoming>, ForwardError> {
+        let route = &self.routes[index];
+        let backend = &route.backend;
+        let mut stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(backend.as_str()))
                 .await
             {
@@ -263,6 +274,14 @@ impl HttpLayer {
                 }
             };
         let _ = stream.set_nodelay(true);
+        // These connections serve this one client only, so the header
+        // describes every request that travels on them.
+        if let (Some(version), Some(local)) = (route.proxy_protocol, upstreams.local) {
+            let header = crate::proxy_protocol::header(version, upstreams.client, local);
+            tokio::io::AsyncWriteExt::write_all(&mut stream, &header)
+                .await
+                .map_err(ForwardError::Connect)?;
+        }
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(ForwardError::Exchange)?;

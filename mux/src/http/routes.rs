@@ -11,6 +11,8 @@ pub struct HttpRoute {
     pub path_prefix: Option<String>,
     pub strip_prefix: bool,
     pub backend: Backend,
+    /// A PROXY protocol header opens each connection to the backend.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 }
 
 /// Normalises a configured prefix: `/embedding-model/` and
@@ -73,6 +75,7 @@ mod tests {
             path_prefix: prefix.map(normalize_prefix),
             strip_prefix: strip,
             backend: Backend::parse("127.0.0.1:1").unwrap(),
+            proxy_protocol: None,
         }
     }
 
