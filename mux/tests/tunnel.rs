@@ -19,10 +19,7 @@ const LIMIT: Duration = Duration::from_secs(5);
 /// mux on loopback with one ssh route (to `ssh`) and these `[[target]]`
 /// tables, `top` going before them (a global token).
 fn start(top: &str, ssh: SocketAddr, targets: &str) -> Result<Mux> {
-    Mux::with_config(&format!(
-        "{}{targets}",
-        config(top, &[("ssh", "ssh", ssh)])
-    ))
+    Mux::with_config(&format!("{}{targets}", config(top, &[("ssh", "ssh", ssh)])))
 }
 
 /// A target that must never be dialled: a listener nobody accepts on, so a
@@ -108,9 +105,8 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
 #[test]
 fn connect_reaches_the_target_and_pipelined_bytes_arrive_first() -> Result<()> {
     let rt = Runtime::new()?;
-    let (echo, ssh) = rt.block_on(async {
-        (echo_backend().await, banner_backend("SSH-2.0-route").await)
-    });
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
     let mux = start(
         "",
         ssh,
@@ -152,9 +148,8 @@ fn connect_reaches_the_target_and_pipelined_bytes_arrive_first() -> Result<()> {
 #[test]
 fn unknown_targets_get_403_and_nothing_is_dialled() -> Result<()> {
     let rt = Runtime::new()?;
-    let (echo, ssh) = rt.block_on(async {
-        (echo_backend().await, banner_backend("SSH-2.0-route").await)
-    });
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
     let mut mux = start(
         "",
         ssh,
@@ -250,13 +245,16 @@ fn tokens_are_checked_before_anything_is_dialled() -> Result<()> {
     ensure!(locked_n.load(Ordering::SeqCst) == 2);
 
     // A target without its own token takes the global one, and only it.
-    let (head, _) = refused(
-        http_connect(mux.addr, "global:22", None, b"", LIMIT)?,
-        407,
-    )?;
+    let (head, _) = refused(http_connect(mux.addr, "global:22", None, b"", LIMIT)?, 407)?;
     ensure!(head.contains("Bearer realm=\"mux\""), "{head}");
     refused(
-        http_connect(mux.addr, "global:22", Some(&bearer("node-secret")), b"", LIMIT)?,
+        http_connect(
+            mux.addr,
+            "global:22",
+            Some(&bearer("node-secret")),
+            b"",
+            LIMIT,
+        )?,
         407,
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -273,7 +271,13 @@ fn tokens_are_checked_before_anything_is_dialled() -> Result<()> {
     ensure!(global_n.load(Ordering::SeqCst) == 1);
 
     // token_file: its content, trimmed.
-    let mut c = http_connect(mux.addr, "filed:22", Some(&bearer("file-secret")), b"", LIMIT)?;
+    let mut c = http_connect(
+        mux.addr,
+        "filed:22",
+        Some(&bearer("file-secret")),
+        b"",
+        LIMIT,
+    )?;
     established(&c)?;
     ensure!(c.echo(b"filed open", LIMIT)? == b"filed open");
     Ok(())
@@ -282,9 +286,8 @@ fn tokens_are_checked_before_anything_is_dialled() -> Result<()> {
 #[test]
 fn a_dead_target_gets_502_and_mux_serves_on() -> Result<()> {
     let rt = Runtime::new()?;
-    let (echo, ssh) = rt.block_on(async {
-        (echo_backend().await, banner_backend("SSH-2.0-route").await)
-    });
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
     let dead = format!("127.0.0.1:{}", free_port());
     let mut mux = start(
         "",
@@ -309,13 +312,9 @@ fn a_dead_target_gets_502_and_mux_serves_on() -> Result<()> {
 #[test]
 fn without_targets_connect_is_left_to_the_routes() -> Result<()> {
     let rt = Runtime::new()?;
-    let (web, ssh) = rt.block_on(async {
-        (echo_backend().await, banner_backend("SSH-2.0-route").await)
-    });
-    let mux = Mux::with_config(&config(
-        "",
-        &[("ssh", "ssh", ssh), ("web", "http", web)],
-    ))?;
+    let (web, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let mux = Mux::with_config(&config("", &[("ssh", "ssh", ssh), ("web", "http", web)]))?;
     // The http route's backend (an echo) gets the CONNECT request as sent.
     let request = b"CONNECT node2:22 HTTP/1.1\r\nHost: node2:22\r\n\r\n";
     let out = rt.block_on(exchange(mux.addr, request, true))?;
@@ -341,9 +340,8 @@ fn mux_connect(args: &[&str], env_token: Option<&str>) -> Command {
 #[test]
 fn mux_connect_carries_a_mib_through_the_target_unchanged() -> Result<()> {
     let rt = Runtime::new()?;
-    let (echo, ssh) = rt.block_on(async {
-        (echo_backend().await, banner_backend("SSH-2.0-route").await)
-    });
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
     let mux = start(
         "",
         ssh,
@@ -394,7 +392,11 @@ fn mux_connect_reports_a_refusal_and_exits_1() -> Result<()> {
     for (args, token, expect) in [
         (vec![server.as_str(), "echo"], Some("wrong"), "407"),
         (vec![server.as_str(), "echo"], None, "407"),
-        (vec![server.as_str(), "unlisted:22"], Some("echo-secret"), "403 Forbidden"),
+        (
+            vec![server.as_str(), "unlisted:22"],
+            Some("echo-secret"),
+            "403 Forbidden",
+        ),
     ] {
         let (status, out, err) = run_with_input(
             &mut mux_connect(&args, token),
@@ -449,9 +451,8 @@ fn first_502(mux: SocketAddr, since: Instant, within: Duration) -> Option<Durati
 #[test]
 fn an_agent_exposes_its_target_and_mux_follows_its_life() -> Result<()> {
     let rt = Runtime::new()?;
-    let (echo, ssh) = rt.block_on(async {
-        (echo_backend().await, banner_backend("SSH-2.0-route").await)
-    });
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
     let mut mux = start(
         "",
         ssh,
@@ -491,11 +492,16 @@ fn an_agent_exposes_its_target_and_mux_follows_its_life() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     ensure!(
-        !mux.logs().iter().any(|l| l.contains("registered target node3")),
+        !mux.logs()
+            .iter()
+            .any(|l| l.contains("registered target node3")),
         "mux registered an agent with a wrong token:\n{}",
         mux.logs().join("\n")
     );
-    refused(http_connect(mux.addr, "node3:22", Some(&auth), b"", LIMIT)?, 502)?;
+    refused(
+        http_connect(mux.addr, "node3:22", Some(&auth), b"", LIMIT)?,
+        502,
+    )?;
     impostor.kill();
 
     let mut node3 = agent(mux.addr, &good, echo)?;
@@ -555,7 +561,10 @@ fn check(toml: &str) -> Result<(bool, String)> {
     let dir = Scratch::new("tunnel-check");
     let path = dir.write("mux.toml", toml);
     let (status, out, err) = run(
-        Command::new(mux_bin()).arg("check").arg("--config").arg(&path),
+        Command::new(mux_bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&path),
         Duration::from_secs(10),
     )?;
     Ok((status.success(), format!("{out}{err}")))
