@@ -35,6 +35,64 @@ pub enum Command {
     Check(Box<RunArgs>),
     /// Manage port takeover outside the daemon.
     Takeover(TakeoverArgs),
+    /// Open a tunnel to a target through a mux port and join it to standard
+    /// input and output, e.g. ssh -o ProxyCommand='mux connect BOX:2222 %h:%p'.
+    Connect(ConnectArgs),
+    /// Serve targets of this host through a box's mux: dial out to its port
+    /// and keep one connection up, reconnecting when it drops.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The box's mux port.
+    #[arg(value_name = "BOX:PORT")]
+    pub server: String,
+    /// The target's name as configured on the box, optionally with a port
+    /// (which the box ignores: the target's configured address decides).
+    #[arg(value_name = "TARGET")]
+    pub target: String,
+    /// File holding the token (first line). Default: the MUX_TOKEN
+    /// environment variable, else no token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The box's mux port to dial.
+    #[arg(long, value_name = "BOX:PORT")]
+    pub server: String,
+    /// A target this agent serves, and the local address it stands for;
+    /// repeatable, e.g. --expose node3=127.0.0.1:22.
+    #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
+    pub expose: Vec<String>,
+    /// File holding the token (first line). Default: the MUX_TOKEN
+    /// environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// More logging: -v for debug, -vv for trace. RUST_LOG overrides.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The token for `mux connect` and `mux agent`: the file's first line, else
+/// MUX_TOKEN, else none.
+pub fn client_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let token = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        None => std::env::var("MUX_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    match token {
+        Some(t) if t.is_empty() => Err("the token is empty".into()),
+        t => Ok(t),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -383,6 +441,7 @@ impl RunArgs {
             takeover: None,
             response_timeout: Duration::from_secs(120),
             forwarded_headers: true,
+            targets: Default::default(),
         })
     }
 }

@@ -11,6 +11,7 @@ use toml::Spanned;
 use crate::classify::Protocol;
 use crate::route::{Backend, Glob, Route, Router};
 use crate::takeover::{Method, Takeover};
+use crate::tunnel::access::{Reach, Target, Targets, Token};
 
 /// The reference layout of a GPU box: `mux` with no arguments runs this.
 pub const DEFAULT_CONFIG: &str = include_str!("../../examples/gpu-box.toml");
@@ -67,6 +68,8 @@ pub struct Config {
     pub response_timeout: Duration,
     /// HTTP layer: set X-Forwarded-For, -Proto and -Host.
     pub forwarded_headers: bool,
+    /// Hosts reachable through CONNECT (directly or via agents).
+    pub targets: Targets,
 }
 
 impl Config {
@@ -145,6 +148,9 @@ impl Config {
         ));
         if self.routes_per_request() {
             out.push_str("http: routed per request (path prefixes); other connections spliced\n");
+        }
+        for target in self.targets.iter() {
+            out.push_str(&format!("target: {}\n", target.describe()));
         }
         if let Some(t) = &self.takeover {
             let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
@@ -284,6 +290,21 @@ struct RawConfig {
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
     takeover: Option<Spanned<RawTakeover>>,
+    /// The token for targets that set none of their own.
+    token: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    target: Vec<Spanned<RawTarget>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Spanned<String>,
+    /// None: an agent serves it.
+    address: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -432,6 +453,8 @@ impl Validator<'_> {
             .takeover
             .map(|t| self.takeover(t.into_inner(), &listen))
             .transpose()?;
+        let global_token = self.token(raw.token, raw.token_file)?;
+        let targets = self.targets(raw.target, global_token)?;
 
         Ok(Config {
             listen,
@@ -443,7 +466,103 @@ impl Validator<'_> {
             takeover,
             response_timeout,
             forwarded_headers: raw.forwarded_headers.unwrap_or(true),
+            targets,
         })
+    }
+
+    /// A token given inline or in a file (first line, trimmed, as secrets
+    /// files usually end in a newline).
+    fn token(
+        &self,
+        inline: Option<Spanned<String>>,
+        file: Option<Spanned<String>>,
+    ) -> Result<Option<Token>, ConfigError> {
+        let secret = match (inline, file) {
+            (Some(_), Some(f)) => {
+                return Err(self.invalid(
+                    f.span(),
+                    "token_file",
+                    "give `token` or `token_file`, not both",
+                ));
+            }
+            (Some(t), None) => Some((t.span(), "token", t.into_inner())),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f.get_ref()).map_err(|e| {
+                    self.invalid(
+                        f.span(),
+                        "token_file",
+                        format!("cannot read {}: {e}", f.get_ref()),
+                    )
+                })?;
+                let first = text.lines().next().unwrap_or("").trim().to_string();
+                Some((f.span(), "token_file", first))
+            }
+            (None, None) => None,
+        };
+        match secret {
+            Some((span, key, s)) if s.trim().is_empty() || s.chars().any(char::is_control) => {
+                Err(self.invalid(
+                    span,
+                    key,
+                    "a token must be a non-empty line of visible characters",
+                ))
+            }
+            Some((_, _, s)) => Ok(Some(Token::new(s.trim()))),
+            None => Ok(None),
+        }
+    }
+
+    fn targets(
+        &self,
+        raw: Vec<Spanned<RawTarget>>,
+        global_token: Option<Token>,
+    ) -> Result<Targets, ConfigError> {
+        let mut targets: Vec<Target> = Vec::with_capacity(raw.len());
+        for raw_target in raw {
+            let raw_target = raw_target.into_inner();
+            let name_span = raw_target.name.span();
+            let name = raw_target.name.into_inner();
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(self.invalid(
+                    name_span,
+                    "name",
+                    format!("`{name}` is not a target name (letters, digits, `-`, `_`, `.`)"),
+                ));
+            }
+            if targets.iter().any(|t| t.name.eq_ignore_ascii_case(&name)) {
+                return Err(self.invalid(
+                    name_span,
+                    "name",
+                    format!("two targets are named `{name}`"),
+                ));
+            }
+            let reach = match raw_target.address {
+                Some(a) => Reach::Address(
+                    Backend::parse(a.get_ref())
+                        .map_err(|m| self.invalid(a.span(), "address", m))?,
+                ),
+                None => Reach::Agent,
+            };
+            let token = self
+                .token(raw_target.token, raw_target.token_file)?
+                .or_else(|| global_token.clone());
+            if matches!(reach, Reach::Agent) && token.is_none() {
+                return Err(self.invalid(
+                    name_span,
+                    "name",
+                    format!(
+                        "target `{name}` has no `address`, so an agent serves it, and agents must \
+                         prove who they are: set its `token` (or a global `token`)"
+                    ),
+                ));
+            }
+            targets.push(Target { name, reach, token });
+        }
+        Ok(Targets::new(targets))
     }
 
     fn takeover(&self, raw: RawTakeover, listen: &[String]) -> Result<Takeover, ConfigError> {

@@ -15,6 +15,8 @@ use crate::config::Config;
 use crate::datapath::{DataPath, Relayed};
 use crate::http::{HttpLayer, HttpSettings};
 use crate::route::{Decision, Route};
+use crate::tunnel::Tunnel;
+use crate::tunnel::request::{self, Parsed};
 
 /// What every connection task shares.
 pub struct Shared {
@@ -22,6 +24,8 @@ pub struct Shared {
     pub datapath: DataPath,
     /// Set when HTTP connections are routed per request.
     pub http: Option<Arc<HttpLayer>>,
+    /// Set when targets are configured: CONNECT and agents are served.
+    pub tunnel: Option<Tunnel>,
 }
 
 impl Shared {
@@ -38,10 +42,12 @@ impl Shared {
                 },
             ))
         });
+        let tunnel = (!config.targets.is_empty()).then(|| Tunnel::new(config.targets.clone()));
         Shared {
             config,
             datapath,
             http,
+            tunnel,
         }
     }
 }
@@ -60,13 +66,15 @@ enum Classified {
     NoMatch {
         why: &'static str,
     },
+    /// A CONNECT or an agent's hello, when targets are configured.
+    Tunnel(Parsed),
 }
 
 /// Serves one accepted client to the end, logging one line about it.
 pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let mut prefix = vec![0u8; MAX_CLASSIFY_BYTES];
-    let classified = classify(&shared.config, &mut client, &mut prefix).await;
+    let classified = classify(&shared, &mut client, &mut prefix).await;
     let (prefix, classified) = match classified {
         Ok((len, c)) => {
             prefix.truncate(len);
@@ -108,9 +116,29 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
                 respond(
                     &mut client,
                     "400 Bad Request",
+                    "",
                     "mux: malformed HTTP request\n",
                 )
                 .await;
+            }
+            return;
+        }
+        Classified::Tunnel(parsed) => {
+            let Some(tunnel) = &shared.tunnel else { return };
+            match parsed {
+                Parsed::Connect(r) => tunnel.connect(&shared, client, peer, prefix, r).await,
+                Parsed::Agent(hello) => tunnel.agent(client, peer, prefix, hello).await,
+                Parsed::Malformed(why) => {
+                    log::warn!("{peer}: malformed tunnel request: {why}; closing");
+                    respond(
+                        &mut client,
+                        "400 Bad Request",
+                        "",
+                        "mux: malformed request\n",
+                    )
+                    .await;
+                }
+                Parsed::NotOurs | Parsed::Incomplete => {}
             }
             return;
         }
@@ -192,10 +220,11 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
 /// Reads until the router decides, the client goes quiet past the timeout,
 /// closes, or fills the prefix buffer. Returns how many bytes were read.
 async fn classify(
-    config: &Config,
+    shared: &Shared,
     client: &mut TcpStream,
     buf: &mut [u8],
 ) -> io::Result<(usize, Classified)> {
+    let config = &shared.config;
     let deadline = tokio::time::Instant::now() + config.classify_timeout;
     let mut len = 0;
     loop {
@@ -219,6 +248,21 @@ async fn classify(
             }
             Ok(Err(e)) => return Err(e),
         };
+        if shared.tunnel.is_some() {
+            match request::parse(&buf[..len]) {
+                Parsed::NotOurs => {}
+                Parsed::Incomplete if !last => continue,
+                Parsed::Incomplete => {
+                    let why = if len == buf.len() {
+                        "request head too large"
+                    } else {
+                        "request head cut short"
+                    };
+                    return Ok((len, Classified::Tunnel(Parsed::Malformed(why.into()))));
+                }
+                parsed => return Ok((len, Classified::Tunnel(parsed))),
+            }
+        }
         match config.router.decide(&buf[..len], last) {
             Decision::NeedMore => continue,
             Decision::Route(index, found) => {
@@ -252,13 +296,14 @@ async fn bad_gateway(client: &mut TcpStream, route: &Route, error: &io::Error) {
         route.backend,
         error.kind()
     );
-    respond(client, "502 Bad Gateway", &body).await;
+    respond(client, "502 Bad Gateway", "", &body).await;
 }
 
 /// Answers an HTTP client whose request mux cannot serve, then closes.
-async fn respond(client: &mut TcpStream, status: &str, body: &str) {
+/// `headers` are extra header lines, each ending in CRLF.
+pub(crate) async fn respond(client: &mut TcpStream, status: &str, headers: &str, body: &str) {
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{headers}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = client.write_all(response.as_bytes()).await;

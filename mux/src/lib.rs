@@ -15,6 +15,7 @@ pub mod privileges;
 pub mod route;
 pub mod server;
 pub mod takeover;
+pub mod tunnel;
 
 use std::future::Future;
 

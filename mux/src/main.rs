@@ -47,6 +47,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Connect(args)) => connect(&args),
+        Some(Command::Agent(args)) => {
+            init_logging(args.verbose);
+            match agent(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             init_logging(cli.run.verbose);
             match serve(&cli.run, &matches) {
@@ -112,6 +123,61 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         log::info!("stopped");
         Ok(())
     })
+}
+
+/// `mux connect`: its standard output is the tunnel, so only errors are
+/// printed, on standard error.
+fn connect(args: &cli::ConnectArgs) -> ExitCode {
+    let run = || -> anyhow::Result<()> {
+        let token = cli::client_token(args.token_file.as_deref()).map_err(anyhow::Error::msg)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        let result = runtime.block_on(mux::tunnel::connect::run(
+            &args.server,
+            &args.target,
+            token.as_deref(),
+        ));
+        // Standard input is read on a blocking thread that may still wait
+        // for a line that never comes: do not wait for it.
+        runtime.shutdown_background();
+        Ok(result?)
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mux connect: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn agent(args: &cli::AgentArgs) -> anyhow::Result<()> {
+    let token = cli::client_token(args.token_file.as_deref()).map_err(anyhow::Error::msg)?;
+    let expose = args
+        .expose
+        .iter()
+        .map(|e| mux::tunnel::agent::parse_expose(e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--expose {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let settings = mux::tunnel::agent::Settings {
+        server: args.server.clone(),
+        token,
+        expose,
+    };
+    runtime.block_on(async {
+        tokio::select! {
+            () = mux::tunnel::agent::run(settings) => {}
+            () = shutdown_signal() => {}
+        }
+    });
+    log::info!("agent: stopped");
+    Ok(())
 }
 
 /// SIGINT or SIGTERM.

@@ -3,7 +3,7 @@
 //! cannot decide. hyper does the HTTP; bodies, SSE streams and upgraded
 //! connections (WebSocket) flow through as they arrive, never buffered whole.
 
-mod rewind;
+pub(crate) mod rewind;
 pub mod routes;
 
 use std::collections::HashMap;
