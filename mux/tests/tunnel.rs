@@ -595,3 +595,35 @@ fn an_agent_target_without_any_token_is_a_config_error() -> Result<()> {
     ensure!(!ok, "a config with targets and no route passed: {out}");
     Ok(())
 }
+
+#[test]
+fn an_agent_comes_back_by_itself_when_the_box_restarts() -> Result<()> {
+    let rt = Runtime::new()?;
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let targets = "[[target]]\nname = \"node3\"\ntoken = \"node3-secret\"\n";
+    let mut first = start("", ssh, targets)?;
+    let addr = first.addr;
+    let dir = Scratch::new("tunnel-agent-back");
+    let token = dir.write("node3.token", "node3-secret\n");
+    let mut node3 = agent(addr, &token, echo)?;
+    first.wait_log("registered target node3", Duration::from_secs(10))?;
+    ensure!(first.stop()?.success());
+
+    // A new mux on the same address: the agent, left running, finds it.
+    let mut second = Mux::with_config(&format!(
+        "listen = [\"{addr}\"]\n[[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"{ssh}\"\n{targets}"
+    ))?;
+    second.wait_log("registered target node3", Duration::from_secs(10))?;
+    wait_lines(
+        || node3.logs(),
+        "agent: connected to",
+        2,
+        Duration::from_secs(5),
+    )?;
+    let mut c = http_connect(addr, "node3:22", Some(&bearer("node3-secret")), b"", LIMIT)?;
+    established(&c)?;
+    ensure!(c.echo(b"after the box restarted", LIMIT)? == b"after the box restarted");
+    node3.kill();
+    Ok(())
+}

@@ -36,15 +36,18 @@ struct Lab {
 }
 
 impl Lab {
-    fn new() -> Lab {
-        assert!(can_run(
+    /// `None` (the test skips) where it cannot run, except under CI.
+    fn new() -> Option<Lab> {
+        if !can_run(
             "root with ip netns, sshd, ssh, nc",
             is_root()
                 && have_tool("ip")
                 && have_tool("sshd")
                 && have_tool("ssh")
-                && have_tool("nc")
-        ));
+                && have_tool("nc"),
+        ) {
+            return None;
+        }
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{n}", std::process::id() % 100_000);
@@ -83,7 +86,7 @@ impl Lab {
                 ip(&["-n", ns, "link", "set", dev, "up"]);
             }
         }
-        lab
+        Some(lab)
     }
 
     fn in_ns(ns: &str, program: &str) -> Command {
@@ -232,7 +235,9 @@ fn secret(dir: &Scratch, name: &str, token: &str) -> PathBuf {
 
 #[test]
 fn the_inner_host_is_unreachable_but_ssh_gets_there_through_mux() {
-    let lab = Lab::new();
+    let Some(lab) = Lab::new() else {
+        return;
+    };
     let node2 = node2_sshd(&lab);
     let secrets = Scratch::new("tunnel-secrets");
     let token = secret(&secrets, "node2.token", "node2-secret");
@@ -289,8 +294,12 @@ fn scp_of_256_mib_through_mux_connect_keeps_its_sha256() -> Result<()> {
     use sha2::{Digest, Sha256};
     use std::io::{Read, Write};
     const LEN: usize = 256 << 20;
-    let lab = Lab::new();
-    assert!(can_run("scp", have_tool("scp")));
+    let Some(lab) = Lab::new() else {
+        return Ok(());
+    };
+    if !can_run("scp", have_tool("scp")) {
+        return Ok(());
+    }
     let node2 = node2_sshd(&lab);
     let _mux = box_mux(&lab, PORT, TARGETS);
     let secrets = Scratch::new("tunnel-secrets");
@@ -370,7 +379,9 @@ fn accepted(l: &std::net::TcpListener) -> usize {
 
 #[test]
 fn refusals_from_the_client_host_dial_nothing() {
-    let lab = Lab::new();
+    let Some(lab) = Lab::new() else {
+        return;
+    };
     let _node2 = node2_sshd(&lab);
     let mux = box_mux(&lab, PORT, TARGETS);
     let raw = inner_listener(&lab, 2023);
@@ -479,7 +490,9 @@ fn first_502(lab: &Lab, since: Instant, within: Duration) -> Option<Duration> {
 
 #[test]
 fn ssh_through_an_agent_survives_the_agent_s_restart() {
-    let lab = Lab::new();
+    let Some(lab) = Lab::new() else {
+        return;
+    };
     let node3 = Sshd::start_with(&Lab::wrapper(&lab.inner), 2022, &["127.0.0.1"], || {
         Lab::wait_listening(&lab.inner, 2022)
     })
