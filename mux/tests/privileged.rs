@@ -14,4 +14,5 @@ mod privileged {
     mod kernel_path;
     mod programs;
     mod takeover;
+    mod tunnel;
 }

@@ -789,3 +789,298 @@ pub async fn backend_half_close(start: impl Fn(&[(&str, &str, SocketAddr)]) -> M
         .unwrap();
     assert_eq!(got, (payload.len() as u64, sha256(&payload)));
 }
+
+/// An HTTP CONNECT sent to mux: the answer's head, and the socket after it.
+pub struct Connected {
+    /// The status line, without its CRLF.
+    pub status: String,
+    /// The whole head, status line included, up to the blank line.
+    pub head: String,
+    pub stream: std::net::TcpStream,
+    /// Bytes that arrived after the head in the same reads.
+    pub early: Vec<u8>,
+}
+
+/// Sends `CONNECT authority` with `auth` as its Proxy-Authorization value
+/// (e.g. `Bearer TOKEN`) and `pipelined` in the same write, then reads the
+/// answer's head, all within `limit`.
+pub fn http_connect(
+    addr: SocketAddr,
+    authority: &str,
+    auth: Option<&str>,
+    pipelined: &[u8],
+    limit: Duration,
+) -> Result<Connected> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)
+        .with_context(|| format!("connecting to {addr}"))?;
+    let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if let Some(auth) = auth {
+        request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(pipelined);
+    stream.write_all(&bytes)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            bail!(
+                "no answer head to CONNECT {authority} within {limit:?}; got {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => bail!(
+                "connection closed before an answer head to CONNECT {authority}; got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "reading the answer to CONNECT {authority}; got {:?}",
+                        String::from_utf8_lossy(&buf)
+                    )
+                });
+            }
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let early = buf[end + 4..].to_vec();
+    stream.set_read_timeout(None)?;
+    Ok(Connected {
+        status: head.lines().next().unwrap_or("").to_string(),
+        head,
+        stream,
+        early,
+    })
+}
+
+impl Connected {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    /// The status code.
+    pub fn code(&self) -> u16 {
+        self.status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The body of a refusal: Content-Length bytes if given, else up to EOF,
+    /// within 5 s.
+    pub fn body(mut self) -> Result<String> {
+        use std::io::Read;
+        let want = self
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut body = std::mem::take(&mut self.early);
+        let start = Instant::now();
+        let mut chunk = [0u8; 4096];
+        while want.is_none_or(|w| body.len() < w) {
+            let left = Duration::from_secs(5).saturating_sub(start.elapsed());
+            if left.is_zero() {
+                bail!(
+                    "refusal body not complete within 5 s: {:?}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Writes `data` and reads back as many bytes (an echo target), within
+    /// `limit`; returns what came back, after any `early` bytes.
+    pub fn echo(&mut self, data: &[u8], limit: Duration) -> Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut got = std::mem::take(&mut self.early);
+        let want = got.len() + data.len();
+        let mut writer = self.stream.try_clone()?;
+        let data = data.to_vec();
+        // Written from another thread: the echo can fill both socket buffers.
+        let w = std::thread::spawn(move || writer.write_all(&data));
+        let start = Instant::now();
+        let mut chunk = vec![0u8; 64 * 1024];
+        while got.len() < want {
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                bail!("echo: {} of {want} bytes within {limit:?}", got.len());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => bail!("echo: EOF after {} of {want} bytes", got.len()),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e).context("echo: reading"),
+            }
+        }
+        w.join().unwrap()?;
+        Ok(got)
+    }
+}
+
+/// A background process whose stderr lines are kept (mux agent); SIGKILLed
+/// on drop.
+pub struct Logged {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Logged {
+    /// Spawns `command` with mux's log settings, stderr captured under `tag`.
+    pub fn spawn(command: &mut Command, tag: &'static str) -> Result<Logged> {
+        let mut child = command
+            .env("RUST_LOG", "info,mux=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {command:?}"))?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("MUX_TEST_ECHO").is_some() {
+                    eprintln!("{tag}| {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Logged { child, logs })
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "no log line with `{needle}` within {limit:?} (exited: {:?}); log:\n{}",
+                    self.child.try_wait().ok().flatten(),
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and waits for the exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `logs()` holds at least `n` lines containing `needle`.
+pub fn wait_lines(
+    logs: impl Fn() -> Vec<String>,
+    needle: &str,
+    n: usize,
+    limit: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let lines = logs();
+        if lines.iter().filter(|l| l.contains(needle)).count() >= n {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "fewer than {n} log lines with `{needle}` within {limit:?}; log:\n{}",
+                lines.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command fed `input` on stdin (then closed), with a time limit;
+/// returns (status, stdout, stderr).
+pub fn run_with_input(
+    cmd: &mut Command,
+    input: Vec<u8>,
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, Vec<u8>, String)> {
+    use std::io::{Read, Write};
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap();
+            bail!(
+                "{cmd:?} did not finish within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = writer.join();
+    Ok((
+        status,
+        out.join().unwrap(),
+        String::from_utf8_lossy(&err.join().unwrap()).into_owned(),
+    ))
+}
