@@ -4,6 +4,7 @@
 mod bench;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -45,6 +46,12 @@ enum Cmd {
     /// Installs what is missing first (root: Debian packages, and the eBPF data path), builds
     /// release binaries, and writes bench/results/latest.{md,json} and SVG charts.
     Bench(bench::Args),
+    /// Soak mux: many concurrent clients of every kind for a while, every byte checked
+    ///
+    /// SSH-like, TLS, HTTP keep-alive, catch-all, garbage, silent, aborted and half-closed
+    /// connections against in-process backends; then mux must come back to idle: open fds,
+    /// memory, eBPF map entries, and the metrics' open connections and tasks.
+    Soak(soak::Args),
 }
 
 fn main() -> Result<ExitCode> {
@@ -52,5 +59,6 @@ fn main() -> Result<ExitCode> {
         Cmd::Run { args } => run::run_mux(&args).map(|()| ExitCode::SUCCESS),
         Cmd::Test(args) => test::test(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Soak(args) => soak::soak(&args),
     }
 }

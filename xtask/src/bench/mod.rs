@@ -2,8 +2,8 @@
 //! throughput, request-response latency, connection rate, memory per connection and HTTP;
 //! medians of repetitions, written as Markdown, JSON and SVG charts.
 
-mod peers;
-mod procfs;
+pub(crate) mod peers;
+pub(crate) mod procfs;
 mod report;
 mod workloads;
 
@@ -159,7 +159,7 @@ pub fn bench(args: &Args) -> Result<ExitCode> {
     );
 
     peers::install_interrupt_handler();
-    let tmp = TempDir::create()?;
+    let tmp = TempDir::create("bench")?;
     let bins = Bins {
         mux: ws.target_dir.join("release").join("mux"),
         loadgen: ws.target_dir.join("release").join("loadgen"),
@@ -246,7 +246,7 @@ fn write(path: &Path, text: &str) -> Result<()> {
 /// The soft open-file limit raised to the hard one, for us and every process we start: they
 /// inherit it, and HAProxy sizes its connection limit from it. Gives the limit. Raising the hard limit needs CAP_SYS_RESOURCE, which
 /// even root may lack (containers), so that is not attempted.
-fn raise_fd_limit() -> usize {
+pub(crate) fn raise_fd_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -301,11 +301,12 @@ fn versions(root: &Path) -> BTreeMap<String, String> {
 }
 
 /// The run's config files and logs; removed when dropped, after every process is gone.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn create() -> Result<TempDir> {
-        let dir = std::env::temp_dir().join(format!("mux-bench-{}", std::process::id()));
+    /// `mux-{tag}-{our pid}` in the temp directory.
+    pub(crate) fn create(tag: &str) -> Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!("mux-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(TempDir(dir))
     }

@@ -209,6 +209,13 @@ impl Proc {
         }
     }
 
+    /// Stops it as [`Drop`] does, now; gives how it exited (None: it could not be reaped).
+    /// A process that exits 0 within the grace period after SIGTERM stopped cleanly.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        self.stop();
+        self.exited
+    }
+
     /// SIGTERM to the group, SIGKILL to whatever is left after a grace period, then reap.
     fn stop(&mut self) {
         let pgid = self.pgid();
@@ -241,7 +248,7 @@ impl Drop for Proc {
 }
 
 /// The address in a `listening on ADDR` line, which mux (stderr) and loadgen (stdout) print.
-fn listening_line(text: &str) -> Option<SocketAddr> {
+pub fn listening_line(text: &str) -> Option<SocketAddr> {
     text.lines()
         .find_map(|l| l.split("listening on ").nth(1)?.trim().parse().ok())
 }
