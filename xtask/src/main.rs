@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(last = true, value_name = "MUX_ARGS")]
         args: Vec<String>,
     },
-    /// Run the whole test suite: workspace tests, privileged tests, fuzzing
+    /// Run the whole test suite: workspace tests, privileged tests, a soak, fuzzing
     ///
     /// Installs what is missing first (needs root for Debian packages). Every phase runs even
     /// if an earlier one fails; the exit status is non-zero if any failed.

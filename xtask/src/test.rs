@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::setup::{self, Purpose};
-use crate::util::{run, run_tee, say, secs, workspace};
+use crate::util::{is_root, run, run_tee, say, secs, workspace};
 
 /// How long libFuzzer gets in the fuzz phase.
 const FUZZ_SECONDS: u32 = 30;
+/// How long the soak phase's clients run.
+const SOAK_SECONDS: u32 = 60;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -78,6 +80,12 @@ pub fn test(args: &Args) -> Result<ExitCode> {
             what: "tests that need root and the kernel, one at a time",
             cmd: Ok(privileged),
             counts_tests: true,
+        },
+        Phase {
+            name: "soak",
+            what: "many clients of every kind for a while, then nothing left behind",
+            cmd: soak_command(),
+            counts_tests: false,
         },
     ];
     if !args.no_fuzz {
@@ -165,6 +173,16 @@ fn word(outcome: &Outcome) -> &'static str {
         Outcome::Failed => "FAILED",
         Outcome::Skipped => "skipped",
     }
+}
+
+/// `cargo xtask soak` (this very program), on the kernel path where it can load (as root,
+/// which CI is), else on whatever mux picks.
+fn soak_command() -> Result<Command, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let mut cmd = Command::new(me);
+    cmd.args(["soak", "--seconds", &SOAK_SECONDS.to_string(), "--datapath"])
+        .arg(if is_root() { "ebpf" } else { "auto" });
+    Ok(cmd)
 }
 
 fn fuzz_command(root: &std::path::Path) -> Result<Command, String> {
