@@ -10,10 +10,12 @@ mod registry;
 pub mod request;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use self::access::{Reach, Refusal, Targets};
@@ -147,10 +149,14 @@ impl Tunnel {
                     log::info!("{peer} CONNECT {authority}: tunnel closed as it opened: {e}");
                     return;
                 }
-                let moved = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
-                let (up, down, ended) = match moved {
-                    Ok((up, down)) => (up, down, String::new()),
-                    Err(e) => (0, 0, format!(" ended by: {e}")),
+                // Counted on the client's side, so that a tunnel that ends
+                // in an error still reports what it moved.
+                let mut counted = Counted::new(&mut client);
+                let moved = tokio::io::copy_bidirectional(&mut counted, &mut stream).await;
+                let (up, down) = (counted.read, counted.written);
+                let ended = match moved {
+                    Ok(_) => String::new(),
+                    Err(e) => format!(" ended by: {e}"),
                 };
                 log::info!(
                     "{peer} connect target={} backend=agent up={} down={down} {:.3}s datapath=agent{ended}",
@@ -251,6 +257,58 @@ async fn refuse(client: &mut TcpStream, refusal: &Refusal, proxy: bool) {
         Refusal::Unknown(_) | Refusal::NotAgentTarget(_) => {
             respond(client, "403 Forbidden", "", &body).await
         }
+    }
+}
+
+/// A stream that counts the bytes read from and written to it.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: u64,
+    written: u64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: &'a mut S) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
