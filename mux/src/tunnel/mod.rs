@@ -11,6 +11,7 @@ pub mod request;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use self::access::{Reach, Refusal, Targets};
-use self::registry::Registry;
+pub use self::registry::Registry;
 use self::request::{AGENT_PROTOCOL, AgentHello, Request};
 use crate::connection::{Shared, respond};
 use crate::http::rewind::Rewind;
+use crate::metrics::{self, ConnectionLabels, kind};
 
 /// How often each end of an agent connection pings the other, and how long
 /// it waits for the answer before calling the connection dead: a box or an
@@ -40,15 +42,17 @@ const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
 /// The targets and the agents serving some of them now.
 pub struct Tunnel {
     pub targets: Targets,
-    agents: Registry,
+    /// Kept across reloads: agents stay connected while routes change.
+    agents: Arc<Registry>,
 }
 
 impl Tunnel {
-    pub fn new(targets: Targets) -> Tunnel {
-        Tunnel {
-            targets,
-            agents: Registry::default(),
-        }
+    pub fn new(targets: Targets, agents: Arc<Registry>) -> Tunnel {
+        Tunnel { targets, agents }
+    }
+
+    pub fn agents(&self) -> Arc<Registry> {
+        self.agents.clone()
     }
 
     /// Serves a client's CONNECT to its end; `prefix` holds everything the
@@ -69,6 +73,7 @@ impl Tunnel {
         {
             Ok(t) => t,
             Err(refusal) => {
+                metrics::get().error(kind::DENIED);
                 log::warn!("{peer} CONNECT {authority}: refused: {refusal}");
                 refuse(&mut client, &refusal, true).await;
                 return;
@@ -76,6 +81,17 @@ impl Tunnel {
         };
         let early = &prefix[request.head_len..];
         let _ = client.set_nodelay(true);
+        let m = metrics::get();
+        let route = format!("target:{}", target.name);
+        let datapath = match target.reach {
+            Reach::Address(_) => shared.datapath.name(),
+            Reach::Agent => "agent",
+        };
+        let _active = m.routed(ConnectionLabels {
+            route: route.clone(),
+            protocol: "connect".into(),
+            datapath: datapath.into(),
+        });
         match &target.reach {
             Reach::Address(backend) => {
                 let mut connected = match shared
@@ -85,6 +101,7 @@ impl Tunnel {
                 {
                     Ok(c) => c,
                     Err(e) => {
+                        m.error(kind::BACKEND);
                         log::warn!(
                             "{peer} CONNECT {authority}: target `{}` at {backend} failed: {e}",
                             target.name
@@ -114,6 +131,7 @@ impl Tunnel {
                 }
                 let (mut relayed, datapath) = shared.datapath.relay(&client, connected).await;
                 relayed.up += early.len() as u64;
+                m.moved(&route, relayed.up, relayed.down);
                 let ended = match &relayed.error {
                     None => String::new(),
                     Some(e) => format!(" ended by: {e}"),
@@ -134,6 +152,7 @@ impl Tunnel {
                 {
                     Ok(u) => u,
                     Err(e) => {
+                        m.error(kind::BACKEND);
                         log::warn!("{peer} CONNECT {authority}: {e}");
                         let body = format!("mux: target {} is unavailable: {e}\n", target.name);
                         respond(&mut client, "502 Bad Gateway", "", &body).await;
@@ -154,6 +173,7 @@ impl Tunnel {
                 let mut counted = Counted::new(&mut client);
                 let moved = tokio::io::copy_bidirectional(&mut counted, &mut stream).await;
                 let (up, down) = (counted.read, counted.written);
+                m.moved(&route, up + early.len() as u64, down);
                 let ended = match moved {
                     Ok(_) => String::new(),
                     Err(e) => format!(" ended by: {e}"),
@@ -183,6 +203,7 @@ impl Tunnel {
         {
             Ok(g) => g,
             Err(refusal) => {
+                metrics::get().error(kind::DENIED);
                 log::warn!(
                     "{peer} agent offering {}: refused: {refusal}",
                     printable(&hello.names.join(", "))
@@ -219,6 +240,11 @@ impl Tunnel {
                 return;
             }
         };
+        let _active = metrics::get().routed(ConnectionLabels {
+            route: format!("agent:{}", names.join(",")),
+            protocol: "agent".into(),
+            datapath: "http2".into(),
+        });
         let id = self.agents.register(&names, sender);
         let names_text = names.join(", ");
         log::info!("{peer} agent registered target {names_text}");
