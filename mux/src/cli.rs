@@ -41,7 +41,22 @@ pub enum Command {
     /// Serve targets of this host through a box's mux: dial out to its port
     /// and keep one connection up, reconnecting when it drops.
     Agent(AgentArgs),
+    /// Print what a running mux is doing (from its admin endpoint).
+    Status(AdminArgs),
+    /// Make a running mux read its configuration again (as SIGHUP does) and
+    /// say whether it took it.
+    Reload(AdminArgs),
 }
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The running mux's `admin` address.
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+}
+
+/// Where the example configurations put the admin endpoint.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9122";
 
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
@@ -160,6 +175,9 @@ pub struct RunArgs {
     /// How to take ports over: auto (sk_lookup, else iptables), sk_lookup or iptables.
     #[arg(long = "takeover-method", value_name = "METHOD")]
     pub takeover_method: Option<String>,
+    /// Serve /metrics and /reload on this address (keep it on loopback).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub admin: Option<String>,
     /// Drop root for this user once the listening sockets are open.
     #[arg(short = 'u', long, value_name = "NAME")]
     pub user: Option<String>,
@@ -273,6 +291,10 @@ impl RunArgs {
         }
         if !self.http_route.is_empty() {
             self.add_http_routes(&mut config)?;
+        }
+        if let Some(addr) = &self.admin {
+            config::check_listen(addr).map_err(|m| flag_error("--admin", m))?;
+            config.admin = Some(addr.clone());
         }
         if !self.takeover.is_empty() || self.takeover_method.is_some() {
             config.takeover = Some(self.takeover_over(&config)?);
@@ -442,6 +464,9 @@ impl RunArgs {
             response_timeout: Duration::from_secs(120),
             forwarded_headers: true,
             targets: Default::default(),
+            admin: None,
+            drain_timeout: Duration::from_secs(30),
+            limits: Default::default(),
         })
     }
 }

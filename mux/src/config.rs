@@ -70,6 +70,11 @@ pub struct Config {
     pub forwarded_headers: bool,
     /// Hosts reachable through CONNECT (directly or via agents).
     pub targets: Targets,
+    /// Where `/metrics` and `/reload` are served, if anywhere.
+    pub admin: Option<String>,
+    /// On SIGTERM, how long live connections may go on before they are closed.
+    pub drain_timeout: Duration,
+    pub limits: crate::limits::Limits,
 }
 
 impl Config {
@@ -149,6 +154,9 @@ impl Config {
         ));
         if self.routes_per_request() {
             out.push_str("http: routed per request (path prefixes); other connections spliced\n");
+        }
+        if let Some(admin) = &self.admin {
+            out.push_str(&format!("admin: http://{admin}/metrics\n"));
         }
         for target in self.targets.iter() {
             out.push_str(&format!("target: {}\n", target.describe()));
@@ -291,6 +299,10 @@ struct RawConfig {
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
     takeover: Option<Spanned<RawTakeover>>,
+    admin: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<DurationValue>>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_source: Option<Spanned<i64>>,
     /// The token for targets that set none of their own.
     token: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
@@ -328,6 +340,7 @@ struct RawRoute {
     strip_prefix: Option<Spanned<bool>>,
     backend: Spanned<String>,
     proxy_protocol: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 /// Turns spans into the line numbers that errors cite.
@@ -455,6 +468,22 @@ impl Validator<'_> {
             .takeover
             .map(|t| self.takeover(t.into_inner(), &listen))
             .transpose()?;
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => {
+                check_listen(a.get_ref()).map_err(|m| self.invalid(a.span(), "admin", m))?;
+                Some(a.into_inner())
+            }
+        };
+        // Long enough for an scp or a model answer to finish; systemd's
+        // default stop timeout (90 s) is longer still.
+        let drain_timeout =
+            self.timeout(raw.drain_timeout, "drain_timeout", Duration::from_secs(30))?;
+        let limits = crate::limits::Limits {
+            max_connections: self.count(raw.max_connections, "max_connections")?,
+            max_per_source: self
+                .count(raw.max_connections_per_source, "max_connections_per_source")?,
+        };
         let global_token = self.token(raw.token, raw.token_file)?;
         let targets = self.targets(raw.target, global_token)?;
 
@@ -469,7 +498,23 @@ impl Validator<'_> {
             response_timeout,
             forwarded_headers: raw.forwarded_headers.unwrap_or(true),
             targets,
+            admin,
+            drain_timeout,
+            limits,
         })
+    }
+
+    /// A connection limit: a positive count.
+    fn count(&self, value: Option<Spanned<i64>>, key: &str) -> Result<Option<usize>, ConfigError> {
+        let Some(v) = value else { return Ok(None) };
+        match usize::try_from(*v.get_ref()) {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(self.invalid(
+                v.span(),
+                key,
+                format!("{} is not a positive number of connections", v.get_ref()),
+            )),
+        }
     }
 
     /// A token given inline or in a file (first line, trimmed, as secrets
@@ -723,6 +768,7 @@ impl Validator<'_> {
                 })?,
             ),
         };
+        let max_connections = self.count(raw.max_connections, "max_connections")?;
         Ok(Route {
             name,
             protocol,
@@ -737,6 +783,7 @@ impl Validator<'_> {
             strip_prefix: raw.strip_prefix.is_some_and(|s| *s.get_ref()),
             backend,
             proxy_protocol,
+            max_connections,
         })
     }
 }

@@ -14,6 +14,8 @@ use crate::classify::{Found, MAX_CLASSIFY_BYTES, Protocol, has_request_line};
 use crate::config::Config;
 use crate::datapath::{DataPath, Relayed};
 use crate::http::{HttpLayer, HttpSettings};
+use crate::limits::{Admission, Exceeded, RouteSlot};
+use crate::metrics::{self, ConnectionLabels, kind};
 use crate::route::{Decision, Route};
 use crate::tunnel::Tunnel;
 use crate::tunnel::request::{self, Parsed};
@@ -32,6 +34,20 @@ impl Shared {
     /// Everything a server needs, the HTTP layer built when the routes ask
     /// for it.
     pub fn new(config: Config, datapath: DataPath) -> Shared {
+        Shared::build(config, datapath, Arc::default())
+    }
+
+    /// The same process's state under a new configuration: the data path
+    /// (with its loaded programs) and the connected agents carry over.
+    pub fn reloaded(&self, config: Config) -> Shared {
+        let agents = match &self.tunnel {
+            Some(t) => t.agents(),
+            None => Arc::default(),
+        };
+        Shared::build(config, self.datapath.clone(), agents)
+    }
+
+    fn build(config: Config, datapath: DataPath, agents: Arc<crate::tunnel::Registry>) -> Shared {
         let http = config.routes_per_request().then(|| {
             Arc::new(HttpLayer::new(
                 config.http_routes(),
@@ -42,7 +58,8 @@ impl Shared {
                 },
             ))
         });
-        let tunnel = (!config.targets.is_empty()).then(|| Tunnel::new(config.targets.clone()));
+        let tunnel =
+            (!config.targets.is_empty()).then(|| Tunnel::new(config.targets.clone(), agents));
         Shared {
             config,
             datapath,
@@ -73,6 +90,9 @@ enum Classified {
 /// Serves one accepted client to the end, logging one line about it.
 pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
+    let admission = Admission::new(peer.ip());
+    let _open = metrics::OpenGuard::new();
+    let m = metrics::get();
     let mut prefix = vec![0u8; MAX_CLASSIFY_BYTES];
     let classified = classify(&shared, &mut client, &mut prefix).await;
     let (prefix, classified) = match classified {
@@ -92,6 +112,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             return;
         }
         Classified::Silent => {
+            m.error(kind::TIMEOUT);
             log::info!(
                 "{peer}: sent nothing for {:?} and no on_timeout route is set; closing",
                 shared.config.classify_timeout
@@ -99,6 +120,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             return;
         }
         Classified::NoMatch { why } => {
+            m.error(kind::BAD_INPUT);
             log::warn!(
                 "{peer}: no route matches the first {} bytes ({why}): {}; closing",
                 prefix.len(),
@@ -125,10 +147,24 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         }
         Classified::Tunnel(parsed) => {
             let Some(tunnel) = &shared.tunnel else { return };
+            if !matches!(parsed, Parsed::Malformed(_)) {
+                m.classified(started.elapsed());
+                if let Err(exceeded) = admission.check(&shared.config.limits) {
+                    refuse_for_limit(&mut client, peer, &exceeded, true).await;
+                    return;
+                }
+            }
             match parsed {
                 Parsed::Connect(r) => tunnel.connect(&shared, client, peer, prefix, r).await,
-                Parsed::Agent(hello) => tunnel.agent(client, peer, prefix, hello).await,
+                Parsed::Agent(hello) => {
+                    // An agent's connection lasts as long as mux does: it
+                    // is not a client connection for limits, nor one that
+                    // a graceful stop waits for (its tunnels are).
+                    drop(admission);
+                    tunnel.agent(client, peer, prefix, hello).await
+                }
                 Parsed::Malformed(why) => {
+                    m.error(kind::BAD_INPUT);
                     log::warn!("{peer}: malformed tunnel request: {why}; closing");
                     respond(
                         &mut client,
@@ -143,13 +179,24 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    m.classified(started.elapsed());
     let route = shared.config.router.route(index);
     let protocol = match &found {
         Some(f) => describe(f),
         None => "silent".to_string(),
     };
+    let speaks_http = matches!(found, Some(Found::Http(_)));
+    if let Err(exceeded) = admission.check(&shared.config.limits) {
+        refuse_for_limit(&mut client, peer, &exceeded, speaks_http).await;
+        return;
+    }
     if let (Some(http), Some(found @ (Found::Http(_) | Found::H2c))) = (&shared.http, &found) {
         let h2c = matches!(found, Found::H2c);
+        let _active = m.routed(ConnectionLabels {
+            route: "(per request)".into(),
+            protocol: if h2c { "h2c" } else { "http" }.into(),
+            datapath: "http".into(),
+        });
         let _ = client.set_nodelay(true);
         let ended = match http.clone().serve(client, prefix, peer, h2c).await {
             Ok(()) => String::new(),
@@ -162,6 +209,22 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         return;
     }
 
+    let _slot = match RouteSlot::take(&route.name, route.max_connections) {
+        Ok(slot) => slot,
+        Err(exceeded) => {
+            refuse_for_limit(&mut client, peer, &exceeded, speaks_http).await;
+            return;
+        }
+    };
+    let _active = m.routed(ConnectionLabels {
+        route: route.name.clone(),
+        protocol: found
+            .as_ref()
+            .map_or(route.protocol, Found::protocol)
+            .name()
+            .into(),
+        datapath: shared.datapath.name().into(),
+    });
     let mut backend = match shared
         .datapath
         .connect(&client, &route.backend, shared.config.connect_timeout)
@@ -169,6 +232,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     {
         Ok(b) => b,
         Err(e) => {
+            m.error(kind::BACKEND);
             log::warn!(
                 "{peer} {protocol}: route `{}`: backend {} failed: {e}; closing",
                 route.name,
@@ -208,6 +272,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             "none",
         ),
     };
+    m.moved(&route.name, relayed.up, relayed.down);
     let spilled = match relayed.spilled {
         Some(n) => format!(" spilled={n}"),
         None => String::new(),
@@ -294,6 +359,39 @@ async fn classify(
                 return Ok((len, Classified::NoMatch { why }));
             }
         }
+    }
+}
+
+/// Refuses a connection over a limit: an HTTP client hears 503 and why,
+/// others are closed. Logged at most once a second, with how many were
+/// refused since, so that a flood does not flood the log too.
+pub(crate) async fn refuse_for_limit(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    exceeded: &Exceeded,
+    speaks_http: bool,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    metrics::get().error(kind::LIMIT);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let refused = SINCE.fetch_add(1, Ordering::Relaxed) + 1;
+    if LAST_LOG.swap(now, Ordering::Relaxed) != now {
+        SINCE.store(0, Ordering::Relaxed);
+        log::warn!("{peer}: refused: {exceeded} ({refused} refused in the last second)");
+    }
+    if speaks_http {
+        let body = format!("mux: too many connections: {exceeded}\n");
+        respond(
+            client,
+            "503 Service Unavailable",
+            "Retry-After: 1\r\n",
+            &body,
+        )
+        .await;
     }
 }
 

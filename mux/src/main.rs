@@ -8,7 +8,7 @@ use mux::cli::{self, Command};
 use mux::connection::Shared;
 use mux::datapath::DataPath;
 use mux::privileges::{self, Pidfile};
-use mux::takeover::Active;
+use mux::server::Control;
 
 fn main() -> ExitCode {
     let (cli, matches) = cli::parse();
@@ -48,6 +48,12 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Connect(args)) => connect(&args),
+        Some(Command::Status(args)) => admin(&args.admin, "GET", "/metrics", |body| {
+            print!("{}", mux::status::summarize(&body))
+        }),
+        Some(Command::Reload(args)) => admin(&args.admin, "POST", "/reload", |body| {
+            print!("reloaded: {body}")
+        }),
         Some(Command::Agent(args)) => {
             init_logging(args.verbose);
             match agent(&args) {
@@ -95,34 +101,90 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         let (datapath, why) = DataPath::select(config.datapath)?;
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
+        let admin_addr = config.admin.clone();
         let takeover = config.takeover.clone();
-        let server = Server::bind(Shared::new(config, datapath)).await?;
+        let mut server = Server::bind(Shared::new(config, datapath)).await?;
         for addr in server.local_addrs() {
             log::info!("listening on {addr}");
         }
-        // Held until mux stops: dropping it gives the ports back.
-        let _takeover = match &takeover {
-            Some(t) => {
-                let active = Active::start(t, server.listeners())?;
-                let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
-                log::info!(
-                    "takeover: port {} from other hosts now reaches mux, via {}",
-                    ports.join(", "),
-                    active.describe()
-                );
-                Some(active)
-            }
-            None => None,
-        };
+        if let (Some(t), Some(how)) = (&takeover, server.take_over()?) {
+            let ports: Vec<String> = t.ports.iter().map(u16::to_string).collect();
+            log::info!(
+                "takeover: port {} from other hosts now reaches mux, via {how}",
+                ports.join(", "),
+            );
+        }
+        let (reload, reloads) = tokio::sync::mpsc::channel(4);
+        if let Some(addr) = admin_addr {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot serve the admin endpoint on {addr}"))?;
+            log::info!(
+                "admin: metrics on http://{}/metrics",
+                listener.local_addr().context("admin address")?
+            );
+            tokio::spawn(mux::admin::serve(listener, reload.clone()));
+        }
+        tokio::spawn(reload_on_sighup(reload));
         let _pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
         if let Some(user) = &args.user {
             privileges::drop_to_user(user)?;
             log::info!("running as user {user}");
         }
-        server.serve(shutdown_signal()).await;
+        let (args, matches) = (args.clone(), matches.clone());
+        server
+            .serve(Control {
+                shutdown: Box::pin(shutdown_signal()),
+                reloads,
+                load: Box::new(move || Ok(args.config(&matches)?)),
+            })
+            .await;
         log::info!("stopped");
         Ok(())
     })
+}
+
+/// SIGHUP asks for a reload, as for sslh and most daemons; the server logs
+/// the outcome.
+async fn reload_on_sighup(reload: tokio::sync::mpsc::Sender<mux::admin::ReloadRequest>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log::warn!("cannot install a SIGHUP handler; reload through the admin endpoint");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        log::info!("SIGHUP: reloading the configuration");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if reload.send(tx).await.is_err() {
+            return;
+        }
+        let _ = rx.await;
+    }
+}
+
+/// `mux status` and `mux reload`: one request to the admin endpoint.
+fn admin(addr: &str, method: &str, path: &str, show: impl FnOnce(String)) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mux: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limit = std::time::Duration::from_secs(30);
+    match runtime.block_on(mux::status::request(addr, method, path, limit)) {
+        Ok(body) => {
+            show(body);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mux: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `mux connect`: its standard output is the tunnel, so only errors are

@@ -121,6 +121,8 @@ pub struct Route {
     pub backend: Backend,
     /// A PROXY protocol header to send the backend first.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// At most this many of the route's connections at once.
+    pub max_connections: Option<usize>,
 }
 
 impl Route {
@@ -137,6 +139,7 @@ impl Route {
             strip_prefix: false,
             backend,
             proxy_protocol: None,
+            max_connections: None,
         }
     }
 
@@ -181,6 +184,9 @@ impl Route {
         if let Some(prefix) = &self.path_prefix {
             let strip = if self.strip_prefix { " (stripped)" } else { "" };
             parts.push(format!("path={prefix}/*{strip}"));
+        }
+        if let Some(n) = self.max_connections {
+            parts.push(format!("max_connections={n}"));
         }
         if let Some(v) = self.proxy_protocol {
             parts.push(format!("proxy_protocol={}", v.name()));

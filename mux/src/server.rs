@@ -8,24 +8,69 @@
 //! 2-core machine that served 25% more HTTP requests per second than one
 //! work-stealing runtime, which woke threads for every request.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::net::TcpListener;
 
+use tokio::sync::mpsc;
+
+use crate::admin::ReloadRequest;
+use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::datapath::DataPath;
+use crate::metrics::ResultLabels;
+use crate::takeover::{Active, Takeover, TakeoverError};
+
+/// The configuration in force: each accepted connection takes the snapshot
+/// current when it arrives and keeps it to its end, so a reload never
+/// changes a connection under way.
+pub struct Live {
+    shared: RwLock<Arc<Shared>>,
+}
+
+impl Live {
+    pub fn new(shared: Shared) -> Live {
+        Live {
+            shared: RwLock::new(Arc::new(shared)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Shared> {
+        self.shared
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, shared: Arc<Shared>) {
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = shared;
+    }
+}
+
+/// One listen address, bound once per worker.
+struct Bound {
+    addr: SocketAddr,
+    /// Worker `w`'s socket is `sockets[w]`; mux keeps these (the workers
+    /// accept on duplicates) for takeovers and to close the port when a
+    /// reload drops it.
+    sockets: Vec<std::net::TcpListener>,
+}
 
 /// Listeners bound and ready; nothing accepted yet. Splitting bind from serve
-/// lets the caller drop privileges in between, as sslh does.
+/// lets the caller take ports over and drop privileges in between, as sslh
+/// does.
 pub struct Server {
-    /// `workers[w][i]`: worker `w`'s socket on the `i`-th listen address.
-    workers: Vec<Vec<std::net::TcpListener>>,
-    shared: Arc<Shared>,
+    live: Arc<Live>,
+    workers: usize,
+    bound: Vec<Bound>,
+    takeover: Option<(Takeover, Active)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,116 +88,341 @@ pub enum BindError {
     },
 }
 
+/// What the caller drives a running server with.
+pub struct Control {
+    /// Completes when mux should stop (SIGTERM, SIGINT).
+    pub shutdown: Pin<Box<dyn Future<Output = ()>>>,
+    /// Reloads asked for (SIGHUP, `POST /reload`); each gets its answer.
+    pub reloads: mpsc::Receiver<ReloadRequest>,
+    /// Reads the configuration again, as at start.
+    pub load: Box<dyn Fn() -> anyhow::Result<Config>>,
+}
+
+/// What a worker is told by the server.
+enum Order {
+    Accept(SocketAddr, std::net::TcpListener),
+    Close(SocketAddr),
+    StopAccepting,
+}
+
 impl Server {
     pub async fn bind(shared: Shared) -> Result<Server, BindError> {
-        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut workers: Vec<Vec<std::net::TcpListener>> = (0..count).map(|_| Vec::new()).collect();
-        for addr in &shared.config.listen {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr.as_str())
-                .await
-                .map_err(|source| BindError::Resolve {
-                    addr: addr.clone(),
-                    source,
-                })?
-                .collect();
-            if resolved.is_empty() {
-                return Err(BindError::Empty { addr: addr.clone() });
-            }
-            for a in resolved {
-                let bind_error = |source| BindError::Bind { addr: a, source };
-                let first = listen(a).map_err(bind_error)?;
-                // Port 0 asked for any port: the other workers take the same.
-                let a = SocketAddr::new(a.ip(), first.local_addr().map_err(bind_error)?.port());
-                if let DataPath::Kernel(kernel) = &shared.datapath {
-                    kernel
-                        .listen(&first)
-                        .map_err(|source| BindError::Kernel { addr: a, source })?;
-                }
-                workers[0].push(first);
-                for worker in &mut workers[1..] {
-                    worker.push(listen(a).map_err(|source| BindError::Bind { addr: a, source })?);
-                }
-            }
-        }
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let bound = bind_all(&shared.config.listen, workers, &shared.datapath, &[]).await?;
         Ok(Server {
+            live: Arc::new(Live::new(shared)),
             workers,
-            shared: Arc::new(shared),
+            bound,
+            takeover: None,
         })
     }
 
     /// One socket per listen address (the first worker's), for taking ports
     /// over to them; the kernel spreads what they get across the workers.
-    pub fn listeners(&self) -> &[std::net::TcpListener] {
-        &self.workers[0]
+    pub fn listeners(&self) -> Vec<&std::net::TcpListener> {
+        self.bound.iter().map(|b| &b.sockets[0]).collect()
     }
 
     /// The bound addresses (with the real port when the config asked for 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners()
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.bound.iter().map(|b| b.addr).collect()
     }
 
-    /// Accepts until `shutdown` completes: the first worker on the calling
-    /// runtime, the others on threads of their own.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut workers = self.workers.into_iter();
-        let here = workers.next().unwrap_or_default();
+    /// Takes the configured ports over to this server's listeners; the
+    /// takeover lasts until mux stops (it is released first) or a reload
+    /// changes it.
+    pub fn take_over(&mut self) -> Result<Option<&'static str>, TakeoverError> {
+        let Some(wanted) = self.live.current().config.takeover.clone() else {
+            self.takeover = None;
+            return Ok(None);
+        };
+        let sockets: Vec<std::net::TcpListener> = self
+            .listeners()
+            .iter()
+            .filter_map(|l| l.try_clone().ok())
+            .collect();
+        let active = Active::start(&wanted, &sockets)?;
+        let described = active.describe();
+        // The new one is in force before the old one goes: no gap.
+        self.takeover = Some((wanted, active));
+        Ok(Some(described))
+    }
+
+    /// Accepts until `control.shutdown` completes, applying reloads; then
+    /// releases the takeover, stops accepting and lets live connections
+    /// finish for up to `drain_timeout`. The first worker runs on the
+    /// calling runtime, the others on threads of their own.
+    pub async fn serve(mut self, mut control: Control) {
+        let (exit, exiting) = tokio::sync::watch::channel(false);
+        let mut orders = Vec::new();
         let mut threads = Vec::new();
-        for (n, listeners) in workers.enumerate() {
-            let (shared, stopped) = (self.shared.clone(), stopped.clone());
+        for w in 0..self.workers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            for b in &self.bound {
+                if let Ok(dup) = b.sockets[w].try_clone() {
+                    let _ = tx.send(Order::Accept(b.addr, dup));
+                }
+            }
+            orders.push(tx);
+            let (live, exiting) = (self.live.clone(), exiting.clone());
+            if w == 0 {
+                tokio::spawn(worker(rx, live, exiting));
+                crate::metrics::get().add_runtime(tokio::runtime::Handle::current());
+                continue;
+            }
             let thread = std::thread::Builder::new()
-                .name(format!("mux-worker-{}", n + 1))
+                .name(format!("mux-worker-{w}"))
                 .spawn(move || {
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                     {
-                        Ok(runtime) => runtime.block_on(worker(listeners, shared, stopped)),
-                        Err(e) => log::error!("worker {}: cannot start a runtime: {e}", n + 1),
+                        Ok(runtime) => {
+                            crate::metrics::get().add_runtime(runtime.handle().clone());
+                            runtime.block_on(worker(rx, live, exiting))
+                        }
+                        Err(e) => log::error!("worker {w}: cannot start a runtime: {e}"),
                     }
                 });
             match thread {
                 Ok(t) => threads.push(t),
-                // Its sockets close with `listeners`: the kernel then spreads
-                // connections over the remaining workers.
-                Err(e) => log::error!("cannot start worker thread {}: {e}", n + 1),
+                // Its sockets close with its duplicates: the kernel then
+                // spreads connections over the remaining workers.
+                Err(e) => log::error!("cannot start worker thread {w}: {e}"),
             }
         }
-        tokio::select! {
-            () = worker(here, self.shared.clone(), stopped) => {}
-            () = shutdown => {}
+
+        loop {
+            tokio::select! {
+                () = &mut control.shutdown => break,
+                Some(request) = control.reloads.recv() => {
+                    let result = match (control.load)() {
+                        Ok(config) => self.reload(config, &orders).await,
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    let metrics = crate::metrics::get();
+                    match &result {
+                        Ok(done) => {
+                            metrics.reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+                            log::info!("reload: {done}");
+                        }
+                        Err(why) => {
+                            metrics.reloads.get_or_create(&ResultLabels { result: "error" }).inc();
+                            log::error!("reload refused, the running configuration stays: {why}");
+                        }
+                    }
+                    let _ = request.send(result);
+                }
+            }
         }
-        let _ = stop.send(true);
+
+        // sshd gets its port back before anything else happens.
+        if let Some((_, active)) = self.takeover.take() {
+            drop(active);
+            log::info!("takeover released");
+        }
+        for tx in &orders {
+            let _ = tx.send(Order::StopAccepting);
+        }
+        self.bound.clear();
+        let limit = self.live.current().config.drain_timeout;
+        let open = crate::limits::open();
+        if open > 0 {
+            log::info!(
+                "stopped accepting; letting {open} connection(s) finish, for up to {limit:?}"
+            );
+            let deadline = tokio::time::Instant::now() + limit;
+            while crate::limits::open() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            match crate::limits::open() {
+                0 => log::info!("all connections finished"),
+                n => log::info!("drain_timeout reached: closing {n} connection(s)"),
+            }
+        }
+        let _ = exit.send(true);
         // Each worker drops its runtime, and with it its connections.
         let _ =
             tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
                 .await;
     }
+
+    /// Swaps in `config`: routes, targets, backends, timeouts and limits for
+    /// new connections; listeners and takeover ports added or dropped.
+    /// Connections under way keep the configuration they started with.
+    /// On any error nothing changes.
+    async fn reload(
+        &mut self,
+        config: Config,
+        orders: &[mpsc::UnboundedSender<Order>],
+    ) -> Result<String, String> {
+        let old = self.live.current();
+        if config.datapath != old.config.datapath {
+            log::warn!(
+                "reload: datapath {} -> {} takes a restart; keeping {}",
+                old.config.datapath.name(),
+                config.datapath.name(),
+                old.config.datapath.name()
+            );
+        }
+        let kept: Vec<SocketAddr> = self.bound.iter().map(|b| b.addr).collect();
+        let wanted = resolve_all(&config.listen)
+            .await
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let added = bind_all(&config.listen, self.workers, &old.datapath, &kept)
+            .await
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let removed: Vec<SocketAddr> = kept
+            .iter()
+            .filter(|a| !wanted.contains(a) && !is_wildcard_port_zero(a, &config.listen))
+            .copied()
+            .collect();
+
+        let new = Arc::new(old.reloaded(config));
+        let takeover_changed =
+            new.config.takeover != old.config.takeover || !added.is_empty() || !removed.is_empty();
+
+        // Apply: new listeners first, then the configuration, then drop
+        // what went away.
+        let added_addrs: Vec<SocketAddr> = added.iter().map(|b| b.addr).collect();
+        for b in &added {
+            for (w, tx) in orders.iter().enumerate() {
+                if let Ok(dup) = b.sockets[w].try_clone() {
+                    let _ = tx.send(Order::Accept(b.addr, dup));
+                }
+            }
+        }
+        self.bound.extend(added);
+        self.live.replace(new.clone());
+        for addr in &removed {
+            for tx in orders {
+                let _ = tx.send(Order::Close(*addr));
+            }
+        }
+        self.bound.retain(|b| !removed.contains(&b.addr));
+
+        let mut done = format!("{} route(s)", new.config.router.routes().len());
+        if !new.config.targets.is_empty() {
+            done.push_str(&format!(
+                ", {} target(s)",
+                new.config.targets.iter().count()
+            ));
+        }
+        for a in &added_addrs {
+            done.push_str(&format!(", now listening on {a}"));
+        }
+        for a in &removed {
+            done.push_str(&format!(", no longer listening on {a}"));
+        }
+        if takeover_changed {
+            match self.take_over() {
+                Ok(Some(how)) => done.push_str(&format!(", takeover via {how}")),
+                Ok(None) if old.config.takeover.is_some() => done.push_str(", takeover released"),
+                Ok(None) => {}
+                Err(e) => {
+                    // Routes are in force already; say plainly what is not.
+                    let why = format!("{:#}", anyhow::Error::from(e));
+                    log::error!("reload: takeover could not be set up again: {why}");
+                    done.push_str(&format!(", takeover FAILED: {why}"));
+                }
+            }
+        }
+        Ok(done)
+    }
 }
 
-/// One worker: accepts on its sockets until told to stop.
+/// A `:0` listen address is bound to some port once; a reload that lists
+/// it again means the port it already got.
+fn is_wildcard_port_zero(bound: &SocketAddr, listen: &[String]) -> bool {
+    listen.iter().any(|spec| {
+        spec.parse::<SocketAddr>()
+            .is_ok_and(|a| a.port() == 0 && a.ip() == bound.ip())
+    })
+}
+
+async fn resolve_all(listen: &[String]) -> Result<Vec<SocketAddr>, BindError> {
+    let mut all = Vec::new();
+    for addr in listen {
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr.as_str())
+            .await
+            .map_err(|source| BindError::Resolve {
+                addr: addr.clone(),
+                source,
+            })?
+            .collect();
+        if resolved.is_empty() {
+            return Err(BindError::Empty { addr: addr.clone() });
+        }
+        all.extend(resolved);
+    }
+    Ok(all)
+}
+
+/// Binds every address of `listen` not in `skip`, once per worker.
+async fn bind_all(
+    listen: &[String],
+    workers: usize,
+    datapath: &DataPath,
+    skip: &[SocketAddr],
+) -> Result<Vec<Bound>, BindError> {
+    let mut bound = Vec::new();
+    for a in resolve_all(listen).await? {
+        if skip.contains(&a) || skip.iter().any(|s| a.port() == 0 && s.ip() == a.ip()) {
+            continue;
+        }
+        let bind_error = |source| BindError::Bind { addr: a, source };
+        let first = listen_on(a).map_err(bind_error)?;
+        // Port 0 asked for any port: the other workers take the same.
+        let a = SocketAddr::new(a.ip(), first.local_addr().map_err(bind_error)?.port());
+        if let DataPath::Kernel(kernel) = datapath {
+            kernel
+                .listen(&first)
+                .map_err(|source| BindError::Kernel { addr: a, source })?;
+        }
+        let mut sockets = vec![first];
+        for _ in 1..workers {
+            sockets.push(listen_on(a).map_err(|source| BindError::Bind { addr: a, source })?);
+        }
+        bound.push(Bound { addr: a, sockets });
+    }
+    Ok(bound)
+}
+
+/// One worker: accepts on the sockets it is given until told to stop; its
+/// connections run until the server exits.
 async fn worker(
-    listeners: Vec<std::net::TcpListener>,
-    shared: Arc<Shared>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    mut orders: mpsc::UnboundedReceiver<Order>,
+    live: Arc<Live>,
+    mut exiting: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut loops = tokio::task::JoinSet::new();
-    for listener in listeners {
-        match TcpListener::from_std(listener) {
-            Ok(listener) => {
-                loops.spawn(accept_loop(listener, shared.clone()));
-            }
-            Err(e) => log::error!("cannot watch a listening socket: {e}"),
+    let mut loops: HashMap<SocketAddr, tokio::task::AbortHandle> = HashMap::new();
+    loop {
+        tokio::select! {
+            order = orders.recv() => match order {
+                Some(Order::Accept(addr, socket)) => match TcpListener::from_std(socket) {
+                    Ok(listener) => {
+                        let task = tokio::spawn(accept_loop(listener, live.clone()));
+                        if let Some(old) = loops.insert(addr, task.abort_handle()) {
+                            old.abort();
+                        }
+                    }
+                    Err(e) => log::error!("cannot watch the listening socket {addr}: {e}"),
+                },
+                Some(Order::Close(addr)) => {
+                    if let Some(task) = loops.remove(&addr) {
+                        task.abort();
+                    }
+                }
+                Some(Order::StopAccepting) | None => {
+                    loops.drain().for_each(|(_, task)| task.abort());
+                }
+            },
+            _ = exiting.wait_for(|exit| *exit) => break,
         }
     }
-    let _ = stopped.wait_for(|stop| *stop).await;
-    loops.abort_all();
 }
 
-fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn listen_on(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
@@ -172,12 +442,12 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, live: Arc<Live>) {
     let mut throttle = LogThrottle::new(Duration::from_secs(1));
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
-                tokio::spawn(connection::serve(shared.clone(), client, peer));
+                tokio::spawn(connection::serve(live.current(), client, peer));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // The client stays in the backlog; retrying at once would spin.

@@ -53,6 +53,22 @@ pub enum Found {
     Any,
 }
 
+impl Found {
+    /// The protocol whose probe found this.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Found::Ssh => Protocol::Ssh,
+            Found::Tls(_) => Protocol::Tls,
+            Found::Http(_) => Protocol::Http,
+            Found::H2c => Protocol::H2c,
+            Found::Socks5 => Protocol::Socks5,
+            Found::Openvpn => Protocol::Openvpn,
+            Found::Regex => Protocol::Regex,
+            Found::Any => Protocol::Any,
+        }
+    }
+}
+
 impl Protocol {
     pub const ALL: [Protocol; 8] = [
         Protocol::Ssh,

@@ -52,6 +52,15 @@ pub struct Connected {
 }
 
 impl DataPath {
+    /// As metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DataPath::Splice => "splice",
+            DataPath::Copy => "copy",
+            DataPath::Kernel(_) => "ebpf",
+        }
+    }
+
     /// The path for a configured kind, and why, for the start-up log.
     pub fn select(kind: DataPathKind) -> Result<(DataPath, String), DataPathError> {
         match kind {

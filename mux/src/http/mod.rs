@@ -172,6 +172,7 @@ impl HttpLayer {
         let exchange = self.forward(upstreams, index, req);
         let mut res = match tokio::time::timeout(self.response_timeout, exchange).await {
             Err(_elapsed) => {
+                crate::metrics::get().error(crate::metrics::kind::BACKEND);
                 log::warn!(
                     "{shown}: route `{}`: backend {} sent no response within {:?}; 504",
                     route.name,
@@ -187,6 +188,7 @@ impl HttpLayer {
                 );
             }
             Ok(Err(e)) => {
+                crate::metrics::get().error(crate::metrics::kind::BACKEND);
                 let why = match e {
                     ForwardError::Connect(e) => e.kind().to_string(),
                     ForwardError::Exchange(e) => e.to_string(),

@@ -10,17 +10,21 @@ mod registry;
 pub mod request;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use self::access::{Reach, Refusal, Targets};
-use self::registry::Registry;
+pub use self::registry::Registry;
 use self::request::{AGENT_PROTOCOL, AgentHello, Request};
 use crate::connection::{Shared, respond};
 use crate::http::rewind::Rewind;
+use crate::metrics::{self, ConnectionLabels, kind};
 
 /// How often each end of an agent connection pings the other, and how long
 /// it waits for the answer before calling the connection dead: a box or an
@@ -38,15 +42,17 @@ const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
 /// The targets and the agents serving some of them now.
 pub struct Tunnel {
     pub targets: Targets,
-    agents: Registry,
+    /// Kept across reloads: agents stay connected while routes change.
+    agents: Arc<Registry>,
 }
 
 impl Tunnel {
-    pub fn new(targets: Targets) -> Tunnel {
-        Tunnel {
-            targets,
-            agents: Registry::default(),
-        }
+    pub fn new(targets: Targets, agents: Arc<Registry>) -> Tunnel {
+        Tunnel { targets, agents }
+    }
+
+    pub fn agents(&self) -> Arc<Registry> {
+        self.agents.clone()
     }
 
     /// Serves a client's CONNECT to its end; `prefix` holds everything the
@@ -67,6 +73,7 @@ impl Tunnel {
         {
             Ok(t) => t,
             Err(refusal) => {
+                metrics::get().error(kind::DENIED);
                 log::warn!("{peer} CONNECT {authority}: refused: {refusal}");
                 refuse(&mut client, &refusal, true).await;
                 return;
@@ -74,6 +81,17 @@ impl Tunnel {
         };
         let early = &prefix[request.head_len..];
         let _ = client.set_nodelay(true);
+        let m = metrics::get();
+        let route = format!("target:{}", target.name);
+        let datapath = match target.reach {
+            Reach::Address(_) => shared.datapath.name(),
+            Reach::Agent => "agent",
+        };
+        let _active = m.routed(ConnectionLabels {
+            route: route.clone(),
+            protocol: "connect".into(),
+            datapath: datapath.into(),
+        });
         match &target.reach {
             Reach::Address(backend) => {
                 let mut connected = match shared
@@ -83,6 +101,7 @@ impl Tunnel {
                 {
                     Ok(c) => c,
                     Err(e) => {
+                        m.error(kind::BACKEND);
                         log::warn!(
                             "{peer} CONNECT {authority}: target `{}` at {backend} failed: {e}",
                             target.name
@@ -112,6 +131,7 @@ impl Tunnel {
                 }
                 let (mut relayed, datapath) = shared.datapath.relay(&client, connected).await;
                 relayed.up += early.len() as u64;
+                m.moved(&route, relayed.up, relayed.down);
                 let ended = match &relayed.error {
                     None => String::new(),
                     Some(e) => format!(" ended by: {e}"),
@@ -132,6 +152,7 @@ impl Tunnel {
                 {
                     Ok(u) => u,
                     Err(e) => {
+                        m.error(kind::BACKEND);
                         log::warn!("{peer} CONNECT {authority}: {e}");
                         let body = format!("mux: target {} is unavailable: {e}\n", target.name);
                         respond(&mut client, "502 Bad Gateway", "", &body).await;
@@ -147,10 +168,15 @@ impl Tunnel {
                     log::info!("{peer} CONNECT {authority}: tunnel closed as it opened: {e}");
                     return;
                 }
-                let moved = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
-                let (up, down, ended) = match moved {
-                    Ok((up, down)) => (up, down, String::new()),
-                    Err(e) => (0, 0, format!(" ended by: {e}")),
+                // Counted on the client's side, so that a tunnel that ends
+                // in an error still reports what it moved.
+                let mut counted = Counted::new(&mut client);
+                let moved = tokio::io::copy_bidirectional(&mut counted, &mut stream).await;
+                let (up, down) = (counted.read, counted.written);
+                m.moved(&route, up + early.len() as u64, down);
+                let ended = match moved {
+                    Ok(_) => String::new(),
+                    Err(e) => format!(" ended by: {e}"),
                 };
                 log::info!(
                     "{peer} connect target={} backend=agent up={} down={down} {:.3}s datapath=agent{ended}",
@@ -177,6 +203,7 @@ impl Tunnel {
         {
             Ok(g) => g,
             Err(refusal) => {
+                metrics::get().error(kind::DENIED);
                 log::warn!(
                     "{peer} agent offering {}: refused: {refusal}",
                     printable(&hello.names.join(", "))
@@ -213,6 +240,11 @@ impl Tunnel {
                 return;
             }
         };
+        let _active = metrics::get().routed(ConnectionLabels {
+            route: format!("agent:{}", names.join(",")),
+            protocol: "agent".into(),
+            datapath: "http2".into(),
+        });
         let id = self.agents.register(&names, sender);
         let names_text = names.join(", ");
         log::info!("{peer} agent registered target {names_text}");
@@ -251,6 +283,58 @@ async fn refuse(client: &mut TcpStream, refusal: &Refusal, proxy: bool) {
         Refusal::Unknown(_) | Refusal::NotAgentTarget(_) => {
             respond(client, "403 Forbidden", "", &body).await
         }
+    }
+}
+
+/// A stream that counts the bytes read from and written to it.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: u64,
+    written: u64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: &'a mut S) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
