@@ -126,6 +126,8 @@ pub struct Stats {
     pub kinds: [KindStats; Kind::ALL.len()],
     /// Bytes received and checked.
     pub checked_bytes: AtomicU64,
+    /// Connections that got bytes from a backend: mux routed them, whatever came after.
+    pub routed: AtomicU64,
     /// The first failures, word for word.
     pub failures: Mutex<Vec<String>>,
 }
@@ -167,9 +169,13 @@ pub async fn client(addr: SocketAddr, seed: u64, stats: Arc<Stats>, stop: Arc<At
             started: Instant::now(),
             local: None,
             late: false,
+            routed: false,
         };
         // Boxed: the futures of all kinds together are large, and tasks start on a thread's stack.
         let result = tokio::time::timeout(CONN_TIMEOUT, Box::pin(c.run())).await;
+        if c.routed {
+            stats.routed.fetch_add(1, Ordering::Relaxed);
+        }
         let why = match result {
             Ok(Ok(())) => {
                 stats.of(kind).ok.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +203,8 @@ struct Conn<'a> {
     local: Option<SocketAddr>,
     /// The first bytes went out only after the classify timeout.
     late: bool,
+    /// Bytes came back from a backend.
+    routed: bool,
 }
 
 /// Bounds one step.
@@ -248,7 +256,10 @@ impl Conn<'_> {
         }
     }
 
-    fn checked(&self, n: usize) {
+    fn checked(&mut self, n: usize) {
+        if n > 0 {
+            self.routed = true;
+        }
         self.stats
             .checked_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -262,7 +273,7 @@ impl Conn<'_> {
     }
 
     /// Reads exactly `want.len()` bytes and compares them.
-    async fn expect(&self, r: &mut OwnedReadHalf, want: &[u8], what: &str) -> Result<()> {
+    async fn expect(&mut self, r: &mut OwnedReadHalf, want: &[u8], what: &str) -> Result<()> {
         step(what, read_check(r, want)).await?;
         self.checked(want.len());
         Ok(())

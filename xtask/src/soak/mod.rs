@@ -81,8 +81,8 @@ struct Mux {
     proc: Proc,
     pid: u32,
     addr: SocketAddr,
-    /// None: this mux has no metrics endpoint, and the checks that need it are skipped.
-    admin: Option<SocketAddr>,
+    /// Where its metrics are (`admin` in its config).
+    admin: SocketAddr,
     log: std::path::PathBuf,
 }
 
@@ -94,7 +94,7 @@ struct Reading {
     threads: u64,
     /// Entries in the connection maps, and all maps by name; None without the kernel path.
     ebpf: Option<(usize, BTreeMap<String, usize>)>,
-    metrics: Option<Metrics>,
+    metrics: Metrics,
 }
 
 impl Reading {
@@ -105,10 +105,7 @@ impl Reading {
         } else {
             None
         };
-        let metrics = match mux.admin {
-            Some(a) => Some(observe::scrape(a).await?),
-            None => None,
-        };
+        let metrics = observe::scrape(mux.admin).await?;
         Ok(Reading {
             fds: observe::fd_count(mux.pid)?,
             rss_kib: observe::rss_kib(mux.pid)?,
@@ -119,7 +116,7 @@ impl Reading {
     }
 
     fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics.as_ref()?.sum(name)
+        self.metrics.sum(name)
     }
 }
 
@@ -164,14 +161,11 @@ pub fn soak(args: &Args) -> Result<ExitCode> {
     say(
         "soak",
         format!(
-            "mux (pid {}) listening on {}, datapath {}, metrics {}; {} clients for {}s, seed {seed}",
+            "mux (pid {}) listening on {}, datapath {}, metrics on http://{}/metrics; {} clients for {}s, seed {seed}",
             mux.pid,
             mux.addr,
             args.datapath.name(),
-            mux.admin.map_or(
-                "unavailable (no `admin` key in this mux): those checks are skipped".into(),
-                |a| { format!("on http://{a}/metrics") }
-            ),
+            mux.admin,
             args.clients,
             args.seconds
         ),
@@ -373,13 +367,7 @@ async fn soak_run(
         ),
         _ => report.skip("eBPF connection map entries", "not on the kernel path"),
     }
-    if mux.admin.is_some() {
-        metric_checks(&mut report, &base, &end, &stats);
-    } else {
-        for what in ["active connections (metrics)", "tasks alive (metrics)"] {
-            report.skip(what, "this mux has no metrics endpoint");
-        }
-    }
+    metric_checks(&mut report, &base, &end, &stats);
     report.info(
         "backend connections (ssh / tls / http)",
         "-".into(),
@@ -396,20 +384,25 @@ async fn soak_run(
 }
 
 fn settled(base: &Reading, now: &Reading) -> bool {
-    let metrics_idle = match (
-        base.metric("mux_tasks_alive"),
-        now.metric("mux_tasks_alive"),
-    ) {
+    let tasks = match (base.metric(TASKS), now.metric(TASKS)) {
         (Some(b), Some(n)) => n <= b + TASK_SLACK,
         _ => true,
-    } && now
-        .metric("mux_connections_active")
-        .is_none_or(|a| a == 0.0);
-    now.fds <= base.fds + FD_SLACK && now.ebpf.as_ref().is_none_or(|(e, _)| *e == 0) && metrics_idle
+    };
+    let idle = |name| now.metric(name).is_none_or(|v| v == 0.0);
+    now.fds <= base.fds + FD_SLACK
+        && now.ebpf.as_ref().is_none_or(|(e, _)| *e == 0)
+        && tasks
+        && idle(ACTIVE)
+        && idle(OPEN)
 }
 
+const ACTIVE: &str = "mux_connections_active";
+const OPEN: &str = "mux_connections_open";
+const TASKS: &str = "mux_tasks_alive";
+const ACCEPTED: &str = "mux_connections_accepted_total";
+
 fn metric_checks(report: &mut Report, base: &Reading, end: &Reading, stats: &Stats) {
-    let need = |report: &mut Report, name: &str, what: &str| -> Option<(f64, f64)> {
+    let mut values = |name: &str, what: &str| -> Option<(f64, f64)> {
         match (base.metric(name), end.metric(name)) {
             (Some(b), Some(e)) => Some((b, e)),
             _ => {
@@ -424,51 +417,66 @@ fn metric_checks(report: &mut Report, base: &Reading, end: &Reading, stats: &Sta
             }
         }
     };
-    if let Some((b, e)) = need(
-        report,
-        "mux_connections_active",
-        "active connections (metrics)",
-    ) {
+    let active = values(ACTIVE, "routed connections open (metrics)");
+    let open = values(OPEN, "all connections open (metrics)");
+    let tasks = values(TASKS, "tokio tasks alive (metrics)");
+    let accepted = values(ACCEPTED, "routed connections (metrics)");
+    if let Some((b, e)) = active {
         report.check(
-            "active connections (metrics)",
+            &format!("routed connections open ({ACTIVE})"),
             num(b),
             num(e),
             "0".into(),
             e == 0.0,
         );
     }
-    if let Some((b, e)) = need(report, "mux_tasks_alive", "tasks alive (metrics)") {
+    if let Some((b, e)) = open {
         report.check(
-            "tasks alive (metrics)",
+            &format!("all connections open ({OPEN})"),
+            num(b),
+            num(e),
+            "0".into(),
+            e == 0.0,
+        );
+    }
+    if let Some((b, e)) = tasks {
+        report.check(
+            &format!("tokio tasks alive ({TASKS})"),
             num(b),
             num(e),
             format!("<= {}", num(b + TASK_SLACK)),
             e <= b + TASK_SLACK,
         );
     }
-    if let Some((b, e)) = need(
-        report,
-        "mux_connections_accepted_total",
-        "accepted (metrics)",
-    ) {
-        let conns = stats.total(|k| &k.conns);
-        report.info(
-            "accepted (metrics) / connections (clients)",
+    if let Some((b, e)) = accepted {
+        // Every connection that heard from a backend was routed; aborted ones may have been.
+        let (seen, made) = (
+            stats.routed.load(Ordering::Relaxed) as f64,
+            stats.total(|k| &k.conns) as f64,
+        );
+        report.check(
+            &format!("routed in the run ({ACCEPTED})"),
             num(b),
-            format!("{} / {conns}", num(e - b)),
+            num(e - b),
+            format!("{} to {}", num(seen), num(made)),
+            (seen..=made).contains(&(e - b)),
         );
     }
     let errors: Vec<String> = end
         .metrics
-        .as_ref()
-        .map(|m| m.series("mux_errors_total"))
-        .unwrap_or_default()
+        .series("mux_errors_total")
         .into_iter()
         .filter(|(_, v)| *v > 0.0)
-        .map(|(labels, v)| format!("{}={}", labels.replace('"', ""), num(v)))
+        .map(|(labels, v)| {
+            format!(
+                "{}={}",
+                labels.replace('"', "").replace("kind=", ""),
+                num(v)
+            )
+        })
         .collect();
     report.info(
-        "errors (metrics)",
+        "errors by kind (metrics)",
         "-".into(),
         if errors.is_empty() {
             "none".into()
@@ -510,7 +518,7 @@ fn human_bytes(b: u64) -> String {
 
 // ---- mux ----------------------------------------------------------------------------------
 
-fn config(datapath: Datapath, backends: &backends::Backends, admin: bool) -> String {
+fn config(datapath: Datapath, backends: &backends::Backends) -> String {
     let mut c = String::new();
     let _ = writeln!(c, "listen = [\"127.0.0.1:0\"]");
     let _ = writeln!(c, "datapath = \"{}\"", datapath.name());
@@ -519,9 +527,7 @@ fn config(datapath: Datapath, backends: &backends::Backends, admin: bool) -> Str
         "classify_timeout = \"{}ms\"",
         CLASSIFY_TIMEOUT.as_millis()
     );
-    if admin {
-        let _ = writeln!(c, "admin = \"127.0.0.1:0\"");
-    }
+    let _ = writeln!(c, "admin = \"127.0.0.1:0\"");
     // No on_timeout: silent clients go to the first ssh route, as sslh does.
     let _ = write!(
         c,
@@ -553,36 +559,16 @@ fn admin_line(text: &str) -> Option<SocketAddr> {
     })
 }
 
+/// Starts mux on a config of its own, and waits for its listening and admin lines.
 fn start_mux(
     dir: &Path,
     bin: &Path,
     datapath: Datapath,
     backends: &backends::Backends,
 ) -> Result<Mux> {
-    match spawn_mux(dir, bin, datapath, backends, true) {
-        Ok(mux) => Ok(mux),
-        // Until mux has its metrics endpoint, its config refuses the key: run without.
-        Err(e) if format!("{e:#}").contains("admin") => {
-            say(
-                "soak",
-                format!("mux refuses `admin` ({e:#}); running without metrics"),
-            );
-            spawn_mux(dir, bin, datapath, backends, false)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-fn spawn_mux(
-    dir: &Path,
-    bin: &Path,
-    datapath: Datapath,
-    backends: &backends::Backends,
-    admin: bool,
-) -> Result<Mux> {
-    let name = if admin { "mux" } else { "mux-no-admin" };
+    let name = "mux";
     let config_path = dir.join(format!("{name}.toml"));
-    std::fs::write(&config_path, config(datapath, backends, admin))
+    std::fs::write(&config_path, config(datapath, backends))
         .with_context(|| format!("writing {}", config_path.display()))?;
     let mut proc = Proc::spawn(
         dir,
@@ -594,19 +580,14 @@ fn spawn_mux(
             .env("RUST_LOG", "info"),
         false,
     )?;
-    let (addr, admin_addr) = proc.wait_ready(Duration::from_secs(15), |_, err| {
-        let addr = listening_line(err)?;
-        if admin {
-            Some((addr, Some(admin_line(err)?)))
-        } else {
-            Some((addr, None))
-        }
+    let (addr, admin) = proc.wait_ready(Duration::from_secs(15), |_, err| {
+        Some((listening_line(err)?, admin_line(err)?))
     })?;
     Ok(Mux {
         pid: proc.pgid() as u32,
         proc,
         addr,
-        admin: admin_addr,
+        admin,
         log: dir.join(format!("{name}.stderr")),
     })
 }

@@ -193,15 +193,26 @@ pub fn connection_entries(maps: &BTreeMap<String, usize>) -> usize {
 
 // ---- metrics ----------------------------------------------------------------------------------
 
-/// One scrape of /metrics: every sample, by metric name, as (labels, value).
+/// One scrape of /metrics: every sample, by metric name, as (labels, value); and the
+/// families declared (`# TYPE`), with their type, which may have no sample yet.
 #[derive(Debug, Default, Clone)]
-pub struct Metrics(pub BTreeMap<String, Vec<(String, f64)>>);
+pub struct Metrics {
+    samples: BTreeMap<String, Vec<(String, f64)>>,
+    families: BTreeMap<String, String>,
+}
 
 impl Metrics {
     /// Prometheus text format: `name{labels} value [timestamp]`, comments start with `#`.
     pub fn parse(text: &str) -> Metrics {
         let mut m: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+        let mut families = BTreeMap::new();
         for line in text.lines().map(str::trim) {
+            if let Some(decl) = line.strip_prefix("# TYPE ") {
+                if let Some((name, kind)) = decl.split_once(' ') {
+                    families.insert(name.to_string(), kind.trim().to_string());
+                }
+                continue;
+            }
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
@@ -234,19 +245,29 @@ impl Metrics {
                 .or_default()
                 .push((labels.to_string(), value));
         }
-        Metrics(m)
+        Metrics {
+            samples: m,
+            families,
+        }
     }
 
-    /// The sum of every series of `name`; None if it has none.
+    /// The sum of every series of `name`: 0 for a declared family with no series yet (a
+    /// labelled family before its first label set; a counter `X` is sampled as `X_total`),
+    /// None if mux does not have it at all.
     pub fn sum(&self, name: &str) -> Option<f64> {
-        self.0
-            .get(name)
-            .map(|series| series.iter().map(|(_, v)| v).sum())
+        if let Some(series) = self.samples.get(name) {
+            return Some(series.iter().map(|(_, v)| v).sum());
+        }
+        let declared = self.families.contains_key(name)
+            || name
+                .strip_suffix("_total")
+                .is_some_and(|f| self.families.get(f).is_some_and(|t| t == "counter"));
+        declared.then_some(0.0)
     }
 
     /// `name`'s series as `labels=value`, for the report.
     pub fn series(&self, name: &str) -> Vec<(String, f64)> {
-        self.0.get(name).cloned().unwrap_or_default()
+        self.samples.get(name).cloned().unwrap_or_default()
     }
 }
 
@@ -323,6 +344,21 @@ mod tests {
             vec![("kind=\"no_match\"".to_string(), 12.0)]
         );
         assert_eq!(m.sum("absent"), None);
+    }
+
+    #[test]
+    fn declared_families_without_series_are_zero() {
+        let text = "# HELP mux_connections_accepted Client connections routed.\n\
+                    # TYPE mux_connections_accepted counter\n\
+                    # TYPE mux_connections_active gauge\n\
+                    mux_tasks_alive 6\n\
+                    # EOF\n";
+        let m = Metrics::parse(text);
+        assert_eq!(m.sum("mux_connections_accepted_total"), Some(0.0));
+        assert_eq!(m.sum("mux_connections_active"), Some(0.0));
+        assert_eq!(m.sum("mux_tasks_alive"), Some(6.0));
+        assert_eq!(m.sum("mux_connections_active_total"), None);
+        assert_eq!(m.sum("mux_errors_total"), None);
     }
 
     #[test]
