@@ -35,6 +35,8 @@ pub const ANY_PREFIX: &[u8] = b"\0SOAK-ANY\n";
 pub const SNI: &str = "soak.mux.test";
 /// Failures kept word for word for the report; the rest are only counted.
 const KEEP_FAILURES: usize = 20;
+/// The path prefix of the config's per-request HTTP route (`--http-paths`).
+pub const API_PREFIX: &str = "/api";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -155,7 +157,15 @@ impl Stats {
 }
 
 /// One client: connections one after the other until `stop`, each of a random kind.
-pub async fn client(addr: SocketAddr, seed: u64, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
+/// With `api_route`, mux has a path route `/api/` (prefix stripped) to the HTTP backend, which
+/// puts HTTP connections through its HTTP layer; half of the requests then use it.
+pub async fn client(
+    addr: SocketAddr,
+    api_route: bool,
+    seed: u64,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) {
     let mut rng = Rng::new(seed);
     while !stop.load(Ordering::Relaxed) {
         let kind = Kind::pick(&mut rng);
@@ -170,6 +180,7 @@ pub async fn client(addr: SocketAddr, seed: u64, stats: Arc<Stats>, stop: Arc<At
             local: None,
             late: false,
             routed: false,
+            api_route,
         };
         // Boxed: the futures of all kinds together are large, and tasks start on a thread's stack.
         let result = tokio::time::timeout(CONN_TIMEOUT, Box::pin(c.run())).await;
@@ -205,6 +216,8 @@ struct Conn<'a> {
     late: bool,
     /// Bytes came back from a backend.
     routed: bool,
+    /// mux routes `/api/*` to the HTTP backend, without the prefix.
+    api_route: bool,
 }
 
 /// Bounds one step.
@@ -263,6 +276,16 @@ impl Conn<'_> {
         self.stats
             .checked_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// What to put before a request's path: `/api` (which mux strips) half of the time
+    /// when it has that route. The backend answers 404 to paths that start with it.
+    fn prefix(&mut self) -> &'static str {
+        if self.api_route && self.rng.percent(50) {
+            API_PREFIX
+        } else {
+            ""
+        }
     }
 
     fn exchanged(&self) {
@@ -363,11 +386,12 @@ impl Conn<'_> {
         } else {
             self.rng.size(MAX_HTTP_BODY)
         };
+        let p = self.prefix();
         let (request, body, expected) = if self.rng.percent(60) {
             let seed = self.rng.next_u64();
             (
                 format!(
-                    "GET /bytes/{size}/{seed} HTTP/1.1\r\nHost: {SNI}\r\nUser-Agent: soak\r\n{connection}\r\n"
+                    "GET {p}/bytes/{size}/{seed} HTTP/1.1\r\nHost: {SNI}\r\nUser-Agent: soak\r\n{connection}\r\n"
                 ),
                 Vec::new(),
                 Rng::new(seed).bytes(size),
@@ -376,7 +400,7 @@ impl Conn<'_> {
             let body = self.rng.bytes(size);
             (
                 format!(
-                    "POST /echo HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {size}\r\n{connection}\r\n"
+                    "POST {p}/echo HTTP/1.1\r\nHost: {SNI}\r\nContent-Length: {size}\r\n{connection}\r\n"
                 ),
                 body.clone(),
                 body,
@@ -517,7 +541,9 @@ impl Conn<'_> {
                 };
                 let size = self.rng.range(1024 * 1024, 8 * 1024 * 1024) as usize;
                 let seed = self.rng.next_u64();
-                let request = format!("GET /bytes/{size}/{seed} HTTP/1.1\r\nHost: {SNI}\r\n\r\n");
+                let p = self.prefix();
+                let request =
+                    format!("GET {p}/bytes/{size}/{seed} HTTP/1.1\r\nHost: {SNI}\r\n\r\n");
                 step("sending a request", async {
                     Ok(h.w.write_all(request.as_bytes()).await?)
                 })
@@ -547,7 +573,8 @@ impl Conn<'_> {
             // still come, then the end of the backend's.
             let size = self.rng.size(MAX_HTTP_BODY);
             let seed = self.rng.next_u64();
-            let request = format!("GET /bytes/{size}/{seed} HTTP/1.1\r\nHost: {SNI}\r\n\r\n");
+            let p = self.prefix();
+            let request = format!("GET {p}/bytes/{size}/{seed} HTTP/1.1\r\nHost: {SNI}\r\n\r\n");
             step("sending a request and half-closing", async {
                 w.write_all(request.as_bytes()).await?;
                 Ok(w.shutdown().await?)

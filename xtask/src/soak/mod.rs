@@ -74,6 +74,10 @@ pub struct Args {
     /// Seed of the clients' random choices and payloads (default: from the clock)
     #[arg(long)]
     seed: Option<u64>,
+    /// Also a path route (`/api/`, prefix stripped), which puts every HTTP connection
+    /// through mux's per-request HTTP layer instead of the data path
+    #[arg(long)]
+    http_paths: bool,
 }
 
 /// The mux under test.
@@ -155,8 +159,7 @@ pub fn soak(args: &Args) -> Result<ExitCode> {
     let mut mux = start_mux(
         &tmp.0,
         &ws.target_dir.join("release").join("mux"),
-        args.datapath,
-        &backends,
+        &config(args.datapath, &backends, args.http_paths),
     )?;
     say(
         "soak",
@@ -227,6 +230,7 @@ async fn soak_run(
     for _ in 0..args.clients {
         tasks.spawn(clients::client(
             mux.addr,
+            args.http_paths,
             rng.next_u64(),
             Arc::clone(&stats),
             Arc::clone(&stop),
@@ -518,7 +522,7 @@ fn human_bytes(b: u64) -> String {
 
 // ---- mux ----------------------------------------------------------------------------------
 
-fn config(datapath: Datapath, backends: &backends::Backends) -> String {
+fn config(datapath: Datapath, backends: &backends::Backends, http_paths: bool) -> String {
     let mut c = String::new();
     let _ = writeln!(c, "listen = [\"127.0.0.1:0\"]");
     let _ = writeln!(c, "datapath = \"{}\"", datapath.name());
@@ -529,20 +533,31 @@ fn config(datapath: Datapath, backends: &backends::Backends) -> String {
     );
     let _ = writeln!(c, "admin = \"127.0.0.1:0\"");
     // No on_timeout: silent clients go to the first ssh route, as sslh does.
-    let _ = write!(
-        c,
-        "\n[[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"{}\"\n\
-         \n[[route]]\nname = \"tls\"\nprotocol = \"tls\"\nsni = \"{}\"\nbackend = \"{}\"\n\
-         \n[[route]]\nname = \"http\"\nprotocol = \"http\"\nbackend = \"{}\"\n\
-         \n# A catch-all for what the probes above refuse but a NUL byte first, so that\n\
-         # other bytes still find no route and get closed.\n\
-         [[route]]\nname = \"any\"\nprotocol = \"regex\"\nregex = '^\\x00'\nbackend = \"{}\"\n",
-        backends.ssh,
-        clients::SNI,
+    let mut route = |name: &str, protocol: &str, extra: &str, backend: SocketAddr| {
+        let _ = write!(
+            c,
+            "\n[[route]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\n{extra}backend = \"{backend}\"\n"
+        );
+    };
+    route("ssh", "ssh", "", backends.ssh);
+    route(
+        "tls",
+        "tls",
+        &format!("sni = \"{}\"\n", clients::SNI),
         backends.tls,
-        backends.http,
-        backends.ssh,
     );
+    if http_paths {
+        // A path route puts every HTTP connection through mux's HTTP layer, per request.
+        let prefix = format!(
+            "path_prefix = \"{}/\"\nstrip_prefix = true\n",
+            clients::API_PREFIX
+        );
+        route("api", "http", &prefix, backends.http);
+    }
+    route("http", "http", "", backends.http);
+    // A catch-all for what the probes above refuse, but only with a NUL byte first, so
+    // that other bytes still find no route and get closed.
+    route("any", "regex", "regex = '^\\x00'\n", backends.ssh);
     c
 }
 
@@ -560,15 +575,10 @@ fn admin_line(text: &str) -> Option<SocketAddr> {
 }
 
 /// Starts mux on a config of its own, and waits for its listening and admin lines.
-fn start_mux(
-    dir: &Path,
-    bin: &Path,
-    datapath: Datapath,
-    backends: &backends::Backends,
-) -> Result<Mux> {
+fn start_mux(dir: &Path, bin: &Path, config: &str) -> Result<Mux> {
     let name = "mux";
     let config_path = dir.join(format!("{name}.toml"));
-    std::fs::write(&config_path, config(datapath, backends))
+    std::fs::write(&config_path, config)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let mut proc = Proc::spawn(
         dir,
@@ -815,6 +825,27 @@ fn shape(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_routes_in_order() {
+        let b = backends::Backends {
+            ssh: "127.0.0.1:1".parse().unwrap(),
+            tls: "127.0.0.1:2".parse().unwrap(),
+            http: "127.0.0.1:3".parse().unwrap(),
+            accepted: Default::default(),
+        };
+        let c = config(Datapath::Ebpf, &b, true);
+        let at = |s: &str| c.find(s).unwrap_or_else(|| panic!("no `{s}` in\n{c}"));
+        assert!(at("name = \"ssh\"") < at("name = \"tls\""));
+        assert!(at("name = \"api\"") < at("name = \"http\""));
+        assert!(
+            c.contains("regex = '^\\x00'\nbackend = \"127.0.0.1:1\""),
+            "{c}"
+        );
+        assert!(c.contains("path_prefix = \"/api/\"\nstrip_prefix = true\n"));
+        assert!(c.contains("datapath = \"ebpf\"") && c.contains("classify_timeout = \"300ms\""));
+        assert!(!config(Datapath::Auto, &b, false).contains("api"));
+    }
 
     #[test]
     fn reads_the_admin_line() {
