@@ -3,7 +3,7 @@
 //! medians of repetitions, written as Markdown, JSON and SVG charts.
 
 pub(crate) mod peers;
-pub(crate) mod procfs;
+mod procfs;
 mod report;
 mod workloads;
 

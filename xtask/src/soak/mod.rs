@@ -308,21 +308,27 @@ async fn soak_run(
 
     // Idle now: wait (bounded) for everything to come back.
     let settle_start = Instant::now();
-    let mut end = Reading::take(mux, ebpf).await?;
-    while settle_start.elapsed() < SETTLE && !settled(&base, &end) {
+    let mut reading = Reading::take(mux, ebpf).await;
+    while settle_start.elapsed() < SETTLE && reading.as_ref().is_ok_and(|r| !settled(&base, r)) {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        end = Reading::take(mux, ebpf).await?;
+        reading = Reading::take(mux, ebpf).await;
     }
     let settle_time = settle_start.elapsed();
-    if let Err(e) = mux.proc.check_alive() {
-        report.check(
-            "mux alive",
-            "-".into(),
-            format!("{e:#}"),
-            "running".into(),
-            false,
-        );
-    }
+    let end = match (mux.proc.check_alive(), reading) {
+        (Ok(()), Ok(end)) => end,
+        (Err(e), _) => {
+            report.check(
+                "mux alive",
+                "-".into(),
+                format!("{e:#}"),
+                "running".into(),
+                false,
+            );
+            report.failures(&stats);
+            return Ok(report);
+        }
+        (Ok(()), Err(e)) => return Err(e.context("reading mux's state once idle")),
+    };
 
     report.check(
         "clients done",
