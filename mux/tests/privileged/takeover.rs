@@ -412,3 +412,65 @@ fn takeover_cleanup_removes_a_rule_a_crash_left() {
     assert!(out.contains("removed 1"), "{out}");
     assert_eq!(redirect_rules(&lab), "");
 }
+
+/// SIGTERM: sshd gets port 22 back first, so a new SSH login works at once,
+/// while the session already going through mux finishes undisturbed.
+#[test]
+fn sigterm_gives_port_22_back_at_once_and_drains_live_sessions() {
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let mut mux = start_mux(&lab, "sk_lookup");
+    let args = [
+        host.sshd.ssh_args_to(SERVER_V4, 22),
+        vec!["sleep 4; echo finished-$((40+2))".into()],
+    ]
+    .concat();
+    let client_ns = lab.client.clone();
+    let live = std::thread::spawn(move || {
+        run(
+            Lab::in_ns(&client_ns, "ssh").args(&args),
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    });
+    // Logged in through mux (its connection to sshd is up) before SIGTERM.
+    let start = Instant::now();
+    while !established_to_sshd(&lab) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the session never reached sshd"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = rustix::process::Pid::from_raw(mux.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    mux.wait_log("takeover released", Duration::from_secs(5))
+        .unwrap();
+    let (ok, out) = lab.client(
+        "ssh",
+        &[
+            host.sshd.ssh_args_to(SERVER_V4, 22),
+            vec!["echo direct-during-drain".into()],
+        ]
+        .concat(),
+    );
+    assert!(ok && out.contains("direct-during-drain"), "{out}");
+    assert!(mux.alive(), "mux did not wait for the live session");
+    let (status, out, err) = live.join().unwrap();
+    assert!(
+        status.success() && out.contains("finished-42"),
+        "{out}{err}"
+    );
+    mux.wait_log("all connections finished", Duration::from_secs(10))
+        .unwrap();
+    assert!(mux.stop().unwrap().success());
+}
+
+/// Whether mux has a connection to sshd on 127.0.0.1:22 (the session's).
+fn established_to_sshd(lab: &Lab) -> bool {
+    let out = Lab::in_ns(&lab.server, "ss")
+        .args(["-Htn", "state", "established", "dst", "127.0.0.1:22"])
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
