@@ -154,25 +154,9 @@ const TARGETS: &str = "[[target]]\nname = \"node2\"\naddress = \"198.51.100.2:22
 /// ssh options for logging in as root with `key` through `proxy`; the
 /// destination (root@HOST) and command follow.
 fn ssh_opts(key: &Path, proxy: &str) -> Vec<String> {
-    [
-        "-i",
-        key.to_str().unwrap(),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        "-o",
-        "ConnectTimeout=10",
-        "-o",
-        &format!("ProxyCommand={proxy}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut args = ssh_options(key);
+    args.extend(["-o".into(), format!("ProxyCommand={proxy}")]);
+    args
 }
 
 /// The ProxyCommand running `mux connect` to the box, with `args` first.
