@@ -445,3 +445,57 @@ fn established_to_sshd(lab: &Lab) -> bool {
         .unwrap();
     !String::from_utf8_lossy(&out.stdout).trim().is_empty()
 }
+
+/// A reload applies takeover changes: dropping `[takeover]` gives port 22
+/// back to sshd, adding it again takes it back, and mux serves throughout.
+#[test]
+fn a_reload_gives_port_22_back_and_takes_it_again() {
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let scratch = Scratch::new("takeover-reload");
+    let with = |takeover: bool| {
+        format!(
+            "listen = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
+             [[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n\
+             [[route]]\nname = \"web\"\nprotocol = \"http\"\nbackend = \"127.0.0.1:8080\"\n\
+             [[route]]\nname = \"tls\"\nprotocol = \"tls\"\nbackend = \"127.0.0.1:8443\"\n{}",
+            if takeover {
+                "[takeover]\nports = [22]\nmethod = \"sk_lookup\"\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let path = scratch.write("mux.toml", &with(true));
+    let mut mux = Mux::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.server, mux_bin(), "--config"])
+            .arg(&path),
+    )
+    .unwrap();
+    mux.wait_log(
+        "takeover: port 22 from other hosts now reaches mux",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+
+    let reload = |mux: &Mux| {
+        let pid = rustix::process::Pid::from_raw(mux.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    };
+    scratch.write("mux.toml", &with(false));
+    reload(&mux);
+    mux.wait_log("takeover released", Duration::from_secs(10))
+        .unwrap();
+    port_22_is_sshd_again(&lab, &host);
+    assert!(mux.alive());
+
+    scratch.write("mux.toml", &with(true));
+    reload(&mux);
+    mux.wait_log("takeover via sk_lookup", Duration::from_secs(10))
+        .unwrap();
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+    assert!(mux.stop().unwrap().success());
+    port_22_is_sshd_again(&lab, &host);
+}
