@@ -98,6 +98,10 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        // Handlers first: a signal that arrives while mux sets up must not
+        // find the default action (death) in place.
+        let stop = stop_signal();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let (datapath, why) = DataPath::select(config.datapath)?;
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
@@ -125,7 +129,12 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
             );
             tokio::spawn(mux::admin::serve(listener, reload.clone()));
         }
-        tokio::spawn(reload_on_sighup(reload));
+        match hup {
+            Ok(hup) => {
+                tokio::spawn(reload_on_sighup(hup, reload));
+            }
+            Err(e) => log::warn!("cannot handle SIGHUP ({e}); reload through the admin endpoint"),
+        }
         let _pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
         if let Some(user) = &args.user {
             privileges::drop_to_user(user)?;
@@ -134,7 +143,7 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         let (args, matches) = (args.clone(), matches.clone());
         server
             .serve(Control {
-                shutdown: Box::pin(shutdown_signal()),
+                shutdown: Box::pin(stop),
                 reloads,
                 load: Box::new(move || Ok(args.config(&matches)?)),
             })
@@ -146,12 +155,10 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
 
 /// SIGHUP asks for a reload, as for sslh and most daemons; the server logs
 /// the outcome.
-async fn reload_on_sighup(reload: tokio::sync::mpsc::Sender<mux::admin::ReloadRequest>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        log::warn!("cannot install a SIGHUP handler; reload through the admin endpoint");
-        return;
-    };
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    reload: tokio::sync::mpsc::Sender<mux::admin::ReloadRequest>,
+) {
     while hup.recv().await.is_some() {
         log::info!("SIGHUP: reloading the configuration");
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -235,25 +242,29 @@ fn agent(args: &cli::AgentArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         tokio::select! {
             () = mux::tunnel::agent::run(settings) => {}
-            () = shutdown_signal() => {}
+            () = stop_signal() => {}
         }
     });
     log::info!("agent: stopped");
     Ok(())
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Completes on SIGINT or SIGTERM. The handlers are in place once this
+/// returns, before the future is first polled.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        log::error!("cannot install signal handlers; stop mux with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: stopping"),
-        _ = int.recv() => log::info!("SIGINT: stopping"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            log::error!("cannot install signal handlers; stop mux with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: stopping"),
+            _ = int.recv() => log::info!("SIGINT: stopping"),
+        }
     }
 }

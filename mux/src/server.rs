@@ -56,6 +56,9 @@ impl Live {
 
 /// One listen address, bound once per worker.
 struct Bound {
+    /// The `listen` entry it came from: a reload keeps what its new list
+    /// still names (a `:0` entry keeps the port it got) and closes the rest.
+    spec: String,
     addr: SocketAddr,
     /// Worker `w`'s socket is `sockets[w]`; mux keeps these (the workers
     /// accept on duplicates) for takeovers and to close the port when a
@@ -108,7 +111,7 @@ enum Order {
 impl Server {
     pub async fn bind(shared: Shared) -> Result<Server, BindError> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let bound = bind_all(&shared.config.listen, workers, &shared.datapath, &[]).await?;
+        let bound = bind_all(&shared.config.listen, workers, &shared.datapath).await?;
         Ok(Server {
             live: Arc::new(Live::new(shared)),
             workers,
@@ -265,17 +268,20 @@ impl Server {
                 old.config.datapath.name()
             );
         }
-        let kept: Vec<SocketAddr> = self.bound.iter().map(|b| b.addr).collect();
-        let wanted = resolve_all(&config.listen)
-            .await
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-        let added = bind_all(&config.listen, self.workers, &old.datapath, &kept)
-            .await
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-        let removed: Vec<SocketAddr> = kept
+        let new_specs: Vec<String> = config
+            .listen
             .iter()
-            .filter(|a| !wanted.contains(a) && !is_wildcard_port_zero(a, &config.listen))
-            .copied()
+            .filter(|spec| !self.bound.iter().any(|b| &b.spec == *spec))
+            .cloned()
+            .collect();
+        let added = bind_all(&new_specs, self.workers, &old.datapath)
+            .await
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let removed: Vec<SocketAddr> = self
+            .bound
+            .iter()
+            .filter(|b| !config.listen.contains(&b.spec))
+            .map(|b| b.addr)
             .collect();
 
         let new = Arc::new(old.reloaded(config));
@@ -331,16 +337,8 @@ impl Server {
     }
 }
 
-/// A `:0` listen address is bound to some port once; a reload that lists
-/// it again means the port it already got.
-fn is_wildcard_port_zero(bound: &SocketAddr, listen: &[String]) -> bool {
-    listen.iter().any(|spec| {
-        spec.parse::<SocketAddr>()
-            .is_ok_and(|a| a.port() == 0 && a.ip() == bound.ip())
-    })
-}
-
-async fn resolve_all(listen: &[String]) -> Result<Vec<SocketAddr>, BindError> {
+/// Each listen entry's addresses, with the entry they came from.
+async fn resolve_all(listen: &[String]) -> Result<Vec<(String, SocketAddr)>, BindError> {
     let mut all = Vec::new();
     for addr in listen {
         let resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr.as_str())
@@ -353,23 +351,19 @@ async fn resolve_all(listen: &[String]) -> Result<Vec<SocketAddr>, BindError> {
         if resolved.is_empty() {
             return Err(BindError::Empty { addr: addr.clone() });
         }
-        all.extend(resolved);
+        all.extend(resolved.into_iter().map(|a| (addr.clone(), a)));
     }
     Ok(all)
 }
 
-/// Binds every address of `listen` not in `skip`, once per worker.
+/// Binds every address of `listen`, once per worker.
 async fn bind_all(
     listen: &[String],
     workers: usize,
     datapath: &DataPath,
-    skip: &[SocketAddr],
 ) -> Result<Vec<Bound>, BindError> {
     let mut bound = Vec::new();
-    for a in resolve_all(listen).await? {
-        if skip.contains(&a) || skip.iter().any(|s| a.port() == 0 && s.ip() == a.ip()) {
-            continue;
-        }
+    for (spec, a) in resolve_all(listen).await? {
         let bind_error = |source| BindError::Bind { addr: a, source };
         let first = listen_on(a).map_err(bind_error)?;
         // Port 0 asked for any port: the other workers take the same.
@@ -383,7 +377,11 @@ async fn bind_all(
         for _ in 1..workers {
             sockets.push(listen_on(a).map_err(|source| BindError::Bind { addr: a, source })?);
         }
-        bound.push(Bound { addr: a, sockets });
+        bound.push(Bound {
+            spec,
+            addr: a,
+            sockets,
+        });
     }
     Ok(bound)
 }
@@ -442,8 +440,11 @@ fn listen_on(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Out of descriptors, every worker's accept loop pauses; one line a second
+/// says so for all of them.
+static EXHAUSTED: LogThrottle = LogThrottle::new();
+
 async fn accept_loop(listener: TcpListener, live: Arc<Live>) {
-    let mut throttle = LogThrottle::new(Duration::from_secs(1));
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
@@ -451,7 +452,7 @@ async fn accept_loop(listener: TcpListener, live: Arc<Live>) {
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // The client stays in the backlog; retrying at once would spin.
-                if throttle.ready() {
+                if EXHAUSTED.ready() {
                     log::error!(
                         "accept on {}: {e}; pausing accepts briefly (raise the fd limit or lower the load)",
                         local(&listener)
@@ -477,26 +478,32 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Lets a repeated condition be logged at most once per period.
+/// Lets a repeated condition be logged at most once a second, from any
+/// thread.
 struct LogThrottle {
-    period: Duration,
-    last: Option<Instant>,
+    /// Milliseconds since `START` at the last line, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
 }
 
+static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
 impl LogThrottle {
-    fn new(period: Duration) -> LogThrottle {
-        LogThrottle { period, last: None }
+    const fn new() -> LogThrottle {
+        LogThrottle {
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
-    fn ready(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
+    fn ready(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = START.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < 1000 {
             return false;
         }
-        self.last = Some(now);
-        true
+        // Of several threads getting here at once, one logs.
+        self.last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 }

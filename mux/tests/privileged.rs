@@ -12,6 +12,7 @@ mod common;
 
 mod privileged {
     mod kernel_path;
+    mod netns;
     mod programs;
     mod takeover;
     mod tunnel;

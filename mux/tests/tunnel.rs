@@ -18,6 +18,15 @@ const LIMIT: Duration = Duration::from_secs(5);
 
 /// mux on loopback with one ssh route (to `ssh`) and these `[[target]]`
 /// tables, `top` going before them (a global token).
+/// The backends most tests need, on a runtime that must outlive them: an
+/// echo server (to stand for a target) and an SSH-like route's banner server.
+fn backends() -> Result<(Runtime, SocketAddr, SocketAddr)> {
+    let rt = Runtime::new()?;
+    let (echo, ssh) =
+        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    Ok((rt, echo, ssh))
+}
+
 fn start(top: &str, ssh: SocketAddr, targets: &str) -> Result<Mux> {
     Mux::with_config(&format!("{}{targets}", config(top, &[("ssh", "ssh", ssh)])))
 }
@@ -104,9 +113,7 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn connect_reaches_the_target_and_pipelined_bytes_arrive_first() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (echo, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (rt, echo, ssh) = backends()?;
     let mux = start(
         "",
         ssh,
@@ -147,9 +154,7 @@ fn connect_reaches_the_target_and_pipelined_bytes_arrive_first() -> Result<()> {
 
 #[test]
 fn unknown_targets_get_403_and_nothing_is_dialled() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (echo, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (_rt, echo, ssh) = backends()?;
     let mut mux = start(
         "",
         ssh,
@@ -285,9 +290,7 @@ fn tokens_are_checked_before_anything_is_dialled() -> Result<()> {
 
 #[test]
 fn a_dead_target_gets_502_and_mux_serves_on() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (echo, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (_rt, echo, ssh) = backends()?;
     let dead = format!("127.0.0.1:{}", free_port());
     let mut mux = start(
         "",
@@ -311,9 +314,7 @@ fn a_dead_target_gets_502_and_mux_serves_on() -> Result<()> {
 
 #[test]
 fn without_targets_connect_is_left_to_the_routes() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (web, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (rt, web, ssh) = backends()?;
     let mux = Mux::with_config(&config("", &[("ssh", "ssh", ssh), ("web", "http", web)]))?;
     // The http route's backend (an echo) gets the CONNECT request as sent.
     let request = b"CONNECT node2:22 HTTP/1.1\r\nHost: node2:22\r\n\r\n";
@@ -339,9 +340,7 @@ fn mux_connect(args: &[&str], env_token: Option<&str>) -> Command {
 
 #[test]
 fn mux_connect_carries_a_mib_through_the_target_unchanged() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (echo, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (_rt, echo, ssh) = backends()?;
     let mux = start(
         "",
         ssh,
@@ -450,9 +449,7 @@ fn first_502(mux: SocketAddr, since: Instant, within: Duration) -> Option<Durati
 
 #[test]
 fn an_agent_exposes_its_target_and_mux_follows_its_life() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (echo, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (_rt, echo, ssh) = backends()?;
     let mut mux = start(
         "",
         ssh,
@@ -598,9 +595,7 @@ fn an_agent_target_without_any_token_is_a_config_error() -> Result<()> {
 
 #[test]
 fn an_agent_comes_back_by_itself_when_the_box_restarts() -> Result<()> {
-    let rt = Runtime::new()?;
-    let (echo, ssh) =
-        rt.block_on(async { (echo_backend().await, banner_backend("SSH-2.0-route").await) });
+    let (_rt, echo, ssh) = backends()?;
     let targets = "[[target]]\nname = \"node3\"\ntoken = \"node3-secret\"\n";
     let mut first = start("", ssh, targets)?;
     let addr = first.addr;

@@ -75,9 +75,8 @@ impl Drop for Scratch {
 
 /// The mux binary under test, running until dropped.
 pub struct Mux {
-    child: Child,
+    proc: Logged,
     pub addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
     _scratch: Option<Scratch>,
 }
 
@@ -123,75 +122,28 @@ impl Mux {
     }
 
     pub fn spawn(command: &mut Command) -> Result<Mux> {
-        let mut child = command
-            .env("RUST_LOG", "info,mux=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning mux")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("MUX_TEST_ECHO").is_some() {
-                    eprintln!("mux| {line}");
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
         let mut mux = Mux {
-            child,
+            proc: Logged::spawn(command, "mux")?,
             addr: "0.0.0.0:0".parse().unwrap(),
-            logs,
             _scratch: None,
         };
-        let line = mux
-            .wait_log("listening on ", Duration::from_secs(10))
-            .inspect_err(|_| {
-                let _ = mux.child.kill();
-            })?;
+        let line = mux.wait_log("listening on ", Duration::from_secs(10))?;
         let addr = line.rsplit("listening on ").next().unwrap().trim();
         mux.addr = addr.parse().with_context(|| format!("parsing `{addr}`"))?;
         Ok(mux)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.child.id()
     }
 
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        self.proc.logs()
     }
 
     /// Waits for a log line containing `needle`; returns it.
     pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<String> {
-        let start = Instant::now();
-        loop {
-            if let Some(line) = self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return Ok(line.clone());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "mux exited ({status}) before logging `{needle}`; log:\n{}",
-                    self.logs().join("\n")
-                );
-            }
-            if start.elapsed() > limit {
-                bail!(
-                    "no log line with `{needle}` within {limit:?}; log:\n{}",
-                    self.logs().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.wait_log(needle, limit)
     }
 
     /// Like `wait_log`, for async tests (polls without blocking the runtime).
@@ -208,11 +160,11 @@ impl Mux {
 
     /// SIGTERM, then waits (bounded) for the exit; returns the exit status.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).context("pid")?;
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).context("pid")?;
         rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
         let start = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.proc.child.try_wait()? {
                 return Ok(status);
             }
             if start.elapsed() > Duration::from_secs(10) {
@@ -224,14 +176,7 @@ impl Mux {
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Mux {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        matches!(self.proc.child.try_wait(), Ok(None))
     }
 }
 
@@ -645,28 +590,32 @@ impl Sshd {
 
     /// The same, to `host`.
     pub fn ssh_args_to(&self, host: &str, port: u16) -> Vec<String> {
-        let target = format!("root@{host}");
-        [
-            "-i",
-            self.client_key.to_str().unwrap(),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=10",
-            "-p",
-            &port.to_string(),
-            &target,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args = ssh_options(&self.client_key);
+        args.extend(["-p".into(), port.to_string(), format!("root@{host}")]);
+        args
     }
+}
+
+/// ssh options for a batch login with `key`, the host key unchecked; the
+/// port and destination follow.
+pub fn ssh_options(key: &Path) -> Vec<String> {
+    [
+        "-i",
+        key.to_str().unwrap(),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 pub fn sshd_path() -> &'static str {
@@ -984,10 +933,20 @@ impl Logged {
             if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
                 return Ok(line);
             }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The last lines may still be on their way from the pipe.
+                std::thread::sleep(Duration::from_millis(50));
+                if let Some(line) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                    return Ok(line);
+                }
+                bail!(
+                    "exited ({status}) before logging `{needle}`; log:\n{}",
+                    self.logs().join("\n")
+                );
+            }
             if start.elapsed() > limit {
                 bail!(
-                    "no log line with `{needle}` within {limit:?} (exited: {:?}); log:\n{}",
-                    self.child.try_wait().ok().flatten(),
+                    "no log line with `{needle}` within {limit:?}; log:\n{}",
                     self.logs().join("\n")
                 );
             }

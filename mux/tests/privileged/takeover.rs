@@ -5,20 +5,15 @@
 //! own namespaces) are ever used.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::netns::{in_ns, ip, unique_tag, wait_listening};
 use crate::common::*;
 
 const SERVER_V4: &str = "192.0.2.1";
 const CLIENT_V4: &str = "192.0.2.2";
 const SERVER_V6: &str = "2001:db8::1";
 const CLIENT_V6: &str = "2001:db8::2";
-
-fn ip(args: &[&str]) {
-    let (status, _, err) = run(Command::new("ip").args(args), Duration::from_secs(10)).unwrap();
-    assert!(status.success(), "ip {}: {err}", args.join(" "));
-}
 
 /// Two namespaces and the veth between them; torn down on drop.
 struct Lab {
@@ -29,9 +24,7 @@ struct Lab {
 impl Lab {
     fn new() -> Lab {
         assert!(can_run("root with ip netns", is_root() && have_tool("ip")));
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let tag = unique_tag();
         let lab = Lab {
             server: format!("mux-srv-{tag}"),
             client: format!("mux-cli-{tag}"),
@@ -63,36 +56,14 @@ impl Lab {
         lab
     }
 
-    fn in_ns(ns: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, program]);
-        c
-    }
-
-    /// Whether something listens on TCP `port` in the server namespace.
-    fn listening(&self, port: u16) -> bool {
-        let out = Lab::in_ns(&self.server, "ss")
-            .args(["-Hltn", &format!("sport = :{port}")])
-            .output()
-            .unwrap();
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
-    }
-
     fn wait_listening(&self, port: u16) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if self.listening(port) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        wait_listening(&self.server, port)
     }
 
     /// A long-running process in the server namespace, killed on drop.
     fn serve(&self, program: &str, args: &[&str]) -> Proc {
         Proc(
-            Lab::in_ns(&self.server, program)
+            in_ns(&self.server, program)
                 .args(args)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -105,7 +76,7 @@ impl Lab {
     /// Runs a client command in the client namespace: (success, stdout+stderr).
     fn client(&self, program: &str, args: &[String]) -> (bool, String) {
         let (status, out, err) = run(
-            Lab::in_ns(&self.client, program).args(args),
+            in_ns(&self.client, program).args(args),
             Duration::from_secs(30),
         )
         .unwrap();
@@ -239,7 +210,7 @@ fn port_22_is_multiplexed(lab: &Lab, host: &ServerHost, mux: &mut Mux) {
             format!("{server}:22")
         };
         let (_, out) = run(
-            Lab::in_ns(&lab.client, "openssl").args([
+            in_ns(&lab.client, "openssl").args([
                 "s_client",
                 "-connect",
                 &connect,
@@ -308,7 +279,7 @@ fn redirect_rules(lab: &Lab) -> String {
     ["iptables", "ip6tables"]
         .iter()
         .map(|t| {
-            let out = Lab::in_ns(&lab.server, t)
+            let out = in_ns(&lab.server, t)
                 .args(["-w", "-t", "nat", "-S", "PREROUTING"])
                 .output()
                 .unwrap();
@@ -379,7 +350,7 @@ fn takeover_cleanup_removes_a_rule_a_crash_left() {
     assert!(can_run("iptables", have_tool("iptables")));
     let lab = Lab::new();
     let (status, _, err) = run(
-        Lab::in_ns(&lab.server, "iptables").args([
+        in_ns(&lab.server, "iptables").args([
             "-w",
             "-t",
             "nat",
@@ -404,11 +375,127 @@ fn takeover_cleanup_removes_a_rule_a_crash_left() {
     assert!(status.success(), "{err}");
     assert!(!redirect_rules(&lab).is_empty());
     let (status, out, err) = run(
-        Lab::in_ns(&lab.server, mux_bin()).args(["takeover", "--cleanup"]),
+        in_ns(&lab.server, mux_bin()).args(["takeover", "--cleanup"]),
         Duration::from_secs(10),
     )
     .unwrap();
     assert!(status.success(), "{err}");
     assert!(out.contains("removed 1"), "{out}");
     assert_eq!(redirect_rules(&lab), "");
+}
+
+/// SIGTERM: sshd gets port 22 back first, so a new SSH login works at once,
+/// while the session already going through mux finishes undisturbed.
+#[test]
+fn sigterm_gives_port_22_back_at_once_and_drains_live_sessions() {
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let mut mux = start_mux(&lab, "sk_lookup");
+    let args = [
+        host.sshd.ssh_args_to(SERVER_V4, 22),
+        vec!["sleep 4; echo finished-$((40+2))".into()],
+    ]
+    .concat();
+    let client_ns = lab.client.clone();
+    let live = std::thread::spawn(move || {
+        run(
+            in_ns(&client_ns, "ssh").args(&args),
+            Duration::from_secs(30),
+        )
+        .unwrap()
+    });
+    // Logged in through mux (its connection to sshd is up) before SIGTERM.
+    let start = Instant::now();
+    while !established_to_sshd(&lab) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the session never reached sshd"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = rustix::process::Pid::from_raw(mux.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    mux.wait_log("takeover released", Duration::from_secs(5))
+        .unwrap();
+    let (ok, out) = lab.client(
+        "ssh",
+        &[
+            host.sshd.ssh_args_to(SERVER_V4, 22),
+            vec!["echo direct-during-drain".into()],
+        ]
+        .concat(),
+    );
+    assert!(ok && out.contains("direct-during-drain"), "{out}");
+    assert!(mux.alive(), "mux did not wait for the live session");
+    let (status, out, err) = live.join().unwrap();
+    assert!(
+        status.success() && out.contains("finished-42"),
+        "{out}{err}"
+    );
+    mux.wait_log("all connections finished", Duration::from_secs(10))
+        .unwrap();
+    assert!(mux.stop().unwrap().success());
+}
+
+/// Whether mux has a connection to sshd on 127.0.0.1:22 (the session's).
+fn established_to_sshd(lab: &Lab) -> bool {
+    let out = in_ns(&lab.server, "ss")
+        .args(["-Htn", "state", "established", "dst", "127.0.0.1:22"])
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+/// A reload applies takeover changes: dropping `[takeover]` gives port 22
+/// back to sshd, adding it again takes it back, and mux serves throughout.
+#[test]
+fn a_reload_gives_port_22_back_and_takes_it_again() {
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let scratch = Scratch::new("takeover-reload");
+    let with = |takeover: bool| {
+        format!(
+            "listen = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
+             [[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n\
+             [[route]]\nname = \"web\"\nprotocol = \"http\"\nbackend = \"127.0.0.1:8080\"\n\
+             [[route]]\nname = \"tls\"\nprotocol = \"tls\"\nbackend = \"127.0.0.1:8443\"\n{}",
+            if takeover {
+                "[takeover]\nports = [22]\nmethod = \"sk_lookup\"\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let path = scratch.write("mux.toml", &with(true));
+    let mut mux = Mux::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.server, mux_bin(), "--config"])
+            .arg(&path),
+    )
+    .unwrap();
+    mux.wait_log(
+        "takeover: port 22 from other hosts now reaches mux",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+
+    let reload = |mux: &Mux| {
+        let pid = rustix::process::Pid::from_raw(mux.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    };
+    scratch.write("mux.toml", &with(false));
+    reload(&mux);
+    mux.wait_log("takeover released", Duration::from_secs(10))
+        .unwrap();
+    port_22_is_sshd_again(&lab, &host);
+    assert!(mux.alive());
+
+    scratch.write("mux.toml", &with(true));
+    reload(&mux);
+    mux.wait_log("takeover via sk_lookup", Duration::from_secs(10))
+        .unwrap();
+    port_22_is_multiplexed(&lab, &host, &mut mux);
+    assert!(mux.stop().unwrap().success());
+    port_22_is_sshd_again(&lab, &host);
 }

@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
+use super::netns::{in_ns, ip, unique_tag, wait_listening};
 use crate::common::*;
 
 const CLIENT: &str = "192.0.2.2";
@@ -21,11 +21,6 @@ const BOX_INNER: &str = "198.51.100.1";
 const INNER: &str = "198.51.100.2";
 /// mux's port on the box.
 const PORT: u16 = 2222;
-
-fn ip(args: &[&str]) {
-    let (status, _, err) = run(Command::new("ip").args(args), Duration::from_secs(10)).unwrap();
-    assert!(status.success(), "ip {}: {err}", args.join(" "));
-}
 
 /// client — veth — box — veth — inner, and no routes beyond each link:
 /// the client reaches the inner host only through mux. Torn down on drop.
@@ -48,9 +43,7 @@ impl Lab {
         ) {
             return None;
         }
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let tag = unique_tag();
         let lab = Lab {
             client: format!("mux-tcli-{tag}"),
             boxed: format!("mux-tbox-{tag}"),
@@ -89,35 +82,13 @@ impl Lab {
         Some(lab)
     }
 
-    fn in_ns(ns: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, program]);
-        c
-    }
-
     fn wrapper(ns: &str) -> [&str; 4] {
         ["ip", "netns", "exec", ns]
     }
 
-    /// Waits until something listens on TCP `port` in `ns`.
-    fn wait_listening(ns: &str, port: u16) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            let out = Lab::in_ns(ns, "ss")
-                .args(["-Hltn", &format!("sport = :{port}")])
-                .output()
-                .unwrap();
-            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
     /// Runs `program` in the client namespace: (success, stdout+stderr).
     fn client(&self, program: &str, args: &[String], env: &[(&str, &str)]) -> (bool, String) {
-        let mut c = Lab::in_ns(&self.client, program);
+        let mut c = in_ns(&self.client, program);
         c.args(args).env_remove("MUX_TOKEN");
         for (k, v) in env {
             c.env(k, v);
@@ -161,7 +132,7 @@ fn box_addr() -> SocketAddr {
 /// The inner host's sshd on INNER:22, target node2.
 fn node2_sshd(lab: &Lab) -> Sshd {
     Sshd::start_with(&Lab::wrapper(&lab.inner), 22, &[INNER], || {
-        Lab::wait_listening(&lab.inner, 22)
+        wait_listening(&lab.inner, 22)
     })
     .unwrap()
     .expect("sshd on 198.51.100.2:22 in the inner namespace")
@@ -183,25 +154,9 @@ const TARGETS: &str = "[[target]]\nname = \"node2\"\naddress = \"198.51.100.2:22
 /// ssh options for logging in as root with `key` through `proxy`; the
 /// destination (root@HOST) and command follow.
 fn ssh_opts(key: &Path, proxy: &str) -> Vec<String> {
-    [
-        "-i",
-        key.to_str().unwrap(),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        "-o",
-        "ConnectTimeout=10",
-        "-o",
-        &format!("ProxyCommand={proxy}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut args = ssh_options(key);
+    args.extend(["-o".into(), format!("ProxyCommand={proxy}")]);
+    args
 }
 
 /// The ProxyCommand running `mux connect` to the box, with `args` first.
@@ -246,7 +201,7 @@ fn the_inner_host_is_unreachable_but_ssh_gets_there_through_mux() {
     let (ok, out) = lab.client("nc", &["-z", "-w", "2", INNER, "22"].map(String::from), &[]);
     assert!(!ok, "the client reached {INNER}:22 directly: {out}");
     let (status, _, err) = run(
-        Lab::in_ns(&lab.boxed, "nc").args(["-z", "-w", "2", INNER, "22"]),
+        in_ns(&lab.boxed, "nc").args(["-z", "-w", "2", INNER, "22"]),
         Duration::from_secs(10),
     )
     .unwrap();
@@ -331,7 +286,7 @@ fn scp_of_256_mib_through_mux_connect_keeps_its_sha256() -> Result<()> {
     args.push(dest.display().to_string());
     let started = Instant::now();
     let (status, out, err) = run(
-        Lab::in_ns(&lab.client, "scp")
+        in_ns(&lab.client, "scp")
             .args(&args)
             .env_remove("MUX_TOKEN"),
         Duration::from_secs(120),
@@ -451,7 +406,7 @@ fn refusals_from_the_client_host_dial_nothing() {
 /// as node3 to the box.
 fn agent(lab: &Lab, token: &Path) -> Logged {
     Logged::spawn(
-        Lab::in_ns(&lab.inner, mux_bin())
+        in_ns(&lab.inner, mux_bin())
             .args([
                 "agent",
                 "--server",
@@ -494,7 +449,7 @@ fn ssh_through_an_agent_survives_the_agent_s_restart() {
         return;
     };
     let node3 = Sshd::start_with(&Lab::wrapper(&lab.inner), 2022, &["127.0.0.1"], || {
-        Lab::wait_listening(&lab.inner, 2022)
+        wait_listening(&lab.inner, 2022)
     })
     .unwrap()
     .expect("sshd on 127.0.0.1:2022 in the inner namespace");
