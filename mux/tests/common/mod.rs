@@ -862,6 +862,31 @@ impl Connected {
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Reads until `n` bytes have come after the head (counting `early`),
+    /// within `limit`, and returns them: what an echo target sends back for
+    /// bytes pipelined with the CONNECT, which may or may not have arrived
+    /// with the answer.
+    pub fn read_early(&mut self, n: usize, limit: Duration) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let start = Instant::now();
+        let mut chunk = vec![0u8; n.max(1)];
+        while self.early.len() < n {
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                bail!("{} of {n} bytes within {limit:?}", self.early.len());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let want = n - self.early.len();
+            match self.stream.read(&mut chunk[..want]) {
+                Ok(0) => bail!("EOF after {} of {n} bytes", self.early.len()),
+                Ok(k) => self.early.extend_from_slice(&chunk[..k]),
+                Err(e) => return Err(e).context("reading"),
+            }
+        }
+        let rest = self.early.split_off(n);
+        Ok(std::mem::replace(&mut self.early, rest))
+    }
+
     /// Writes `data` and reads back as many bytes (an echo target), within
     /// `limit`; returns what came back, after any `early` bytes.
     pub fn echo(&mut self, data: &[u8], limit: Duration) -> Result<Vec<u8>> {
