@@ -49,6 +49,8 @@ struct Upstreams {
     /// The client and the address it dialled, for PROXY protocol headers.
     client: SocketAddr,
     local: Option<SocketAddr>,
+    /// The client's address as X-Forwarded-For gives it.
+    client_ip: HeaderValue,
 }
 
 /// Why a request could not be forwarded.
@@ -91,6 +93,7 @@ impl HttpLayer {
             by_route: Default::default(),
             client: peer,
             local: stream.local_addr().ok(),
+            client_ip: forwarded_for(peer),
         });
         let io = TokioIo::new(Rewind::new(prefix, stream));
         let service = hyper::service::service_fn(move |req| {
@@ -140,9 +143,17 @@ impl HttpLayer {
             );
         };
         let route = &self.routes[index];
+        // Origin form, as a backend expects it from a client. Most requests
+        // already are, on a route that leaves the path alone: they keep
+        // their target as parsed.
+        let as_is = !route.strip_prefix && req.uri().authority().is_none();
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        // Origin form, as a backend expects it from a client.
-        let uri: Uri = match route.rewrite(path_and_query).parse() {
+        let rewritten: Result<Option<Uri>, _> = if as_is {
+            Ok(None)
+        } else {
+            route.rewrite(path_and_query).parse().map(Some)
+        };
+        let uri = match rewritten {
             Ok(uri) => uri,
             Err(e) => {
                 log::warn!(
@@ -157,10 +168,12 @@ impl HttpLayer {
         };
         let upgrade = is_upgrade(req.headers());
         let client_side: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
-        *req.uri_mut() = uri;
+        if let Some(uri) = uri {
+            *req.uri_mut() = uri;
+        }
         remove_hop_by_hop(req.headers_mut(), upgrade);
         if self.forwarded_headers {
-            add_forwarded(req.headers_mut(), peer, host);
+            add_forwarded(req.headers_mut(), &upstreams.client_ip, host);
         }
 
         if !req.headers().contains_key(header::HOST) {
@@ -403,13 +416,25 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// X-Forwarded-For (appended to any the client sent), -Proto and -Host.
-fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) {
-    let client = peer.ip().to_canonical().to_string();
-    let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client}"),
-        None => client,
+/// How X-Forwarded-For names `peer`: its IP, an IPv4-mapped one as IPv4.
+fn forwarded_for(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// `client` is the client's address as a header value, made once per
+/// connection.
+fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&str>) {
+    let chain = match headers.get("x-forwarded-for") {
+        Some(earlier) => {
+            let mut chain = earlier.as_bytes().to_vec();
+            chain.extend_from_slice(b", ");
+            chain.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&chain).ok()
+        }
+        None => Some(client.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    if let Some(v) = chain {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
@@ -455,11 +480,8 @@ mod tests {
     fn forwarded_headers_append_the_client() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        add_forwarded(
-            &mut h,
-            "[::ffff:127.0.0.1]:5000".parse().unwrap(),
-            Some("box:2222"),
-        );
+        let client = forwarded_for("[::ffff:127.0.0.1]:5000".parse().unwrap());
+        add_forwarded(&mut h, &client, Some("box:2222"));
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "box:2222");
