@@ -394,16 +394,14 @@ impl Validator<'_> {
                 }
             };
 
-        let datapath = match raw.datapath {
-            None => DataPathKind::Auto,
-            Some(d) => DataPathKind::parse(d.get_ref()).ok_or_else(|| {
-                self.invalid(
-                    d.span(),
-                    "datapath",
-                    format!("`{}` is not one of auto, ebpf, splice, copy", d.get_ref()),
-                )
-            })?,
-        };
+        let datapath = self
+            .one_of(
+                raw.datapath,
+                "datapath",
+                DataPathKind::parse,
+                "auto, ebpf, splice, copy",
+            )?
+            .unwrap_or(DataPathKind::Auto);
 
         let classify_timeout = self.timeout(
             raw.classify_timeout,
@@ -501,6 +499,24 @@ impl Validator<'_> {
             admin,
             drain_timeout,
             limits,
+        })
+    }
+
+    /// A keyword among `names`, as `parse` reads them.
+    fn one_of<T>(
+        &self,
+        value: Option<Spanned<String>>,
+        key: &str,
+        parse: impl Fn(&str) -> Option<T>,
+        names: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(v) = value else { return Ok(None) };
+        parse(v.get_ref()).map(Some).ok_or_else(|| {
+            self.invalid(
+                v.span(),
+                key,
+                format!("`{}` is not one of {names}", v.get_ref()),
+            )
         })
     }
 
@@ -635,16 +651,14 @@ impl Validator<'_> {
             check_takeover_port(port, listen).map_err(|m| self.invalid(p.span(), "ports", m))?;
             ports.push(port);
         }
-        let method = match raw.method {
-            None => Method::Auto,
-            Some(m) => Method::parse(m.get_ref()).ok_or_else(|| {
-                self.invalid(
-                    m.span(),
-                    "method",
-                    format!("`{}` is not one of auto, sk_lookup, iptables", m.get_ref()),
-                )
-            })?,
-        };
+        let method = self
+            .one_of(
+                raw.method,
+                "method",
+                Method::parse,
+                "auto, sk_lookup, iptables",
+            )?
+            .unwrap_or(Method::Auto);
         Ok(Takeover { ports, method })
     }
 
@@ -756,18 +770,12 @@ impl Validator<'_> {
         };
         let backend = Backend::parse(raw.backend.get_ref())
             .map_err(|m| self.invalid(raw.backend.span(), "backend", m))?;
-        let proxy_protocol = match raw.proxy_protocol {
-            None => None,
-            Some(v) => Some(
-                crate::proxy_protocol::Version::parse(v.get_ref()).ok_or_else(|| {
-                    self.invalid(
-                        v.span(),
-                        "proxy_protocol",
-                        format!("`{}` is not one of v1, v2", v.get_ref()),
-                    )
-                })?,
-            ),
-        };
+        let proxy_protocol = self.one_of(
+            raw.proxy_protocol,
+            "proxy_protocol",
+            crate::proxy_protocol::Version::parse,
+            "v1, v2",
+        )?;
         let max_connections = self.count(raw.max_connections, "max_connections")?;
         Ok(Route {
             name,

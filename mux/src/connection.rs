@@ -12,7 +12,7 @@ use tokio::time::timeout_at;
 
 use crate::classify::{Found, MAX_CLASSIFY_BYTES, Protocol, has_request_line};
 use crate::config::Config;
-use crate::datapath::{DataPath, Relayed};
+use crate::datapath::DataPath;
 use crate::http::{HttpLayer, HttpSettings};
 use crate::limits::{Admission, Exceeded, RouteSlot};
 use crate::metrics::{self, ConnectionLabels, kind};
@@ -91,7 +91,6 @@ enum Classified {
 pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let admission = Admission::new(peer.ip());
-    let _open = metrics::OpenGuard::new();
     let m = metrics::get();
     let mut prefix = vec![0u8; MAX_CLASSIFY_BYTES];
     let classified = classify(&shared, &mut client, &mut prefix).await;
@@ -225,7 +224,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             .into(),
         datapath: shared.datapath.name().into(),
     });
-    let mut backend = match shared
+    let backend = match shared
         .datapath
         .connect(&client, &route.backend, shared.config.connect_timeout)
         .await
@@ -249,45 +248,23 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     let _ = client.set_nodelay(true);
     let _ = backend.stream.set_nodelay(true);
 
-    // The PROXY header goes first, in the same write as the prefix.
-    let first = match (route.proxy_protocol, client.local_addr()) {
-        (Some(version), Ok(local)) => {
-            let mut first = crate::proxy_protocol::header(version, peer, local);
-            first.extend_from_slice(&prefix);
-            std::borrow::Cow::Owned(first)
-        }
-        _ => std::borrow::Cow::Borrowed(&prefix[..]),
+    let header = match (route.proxy_protocol, client.local_addr()) {
+        (Some(version), Ok(local)) => crate::proxy_protocol::header(version, peer, local),
+        _ => Vec::new(),
     };
-    let (relayed, datapath) = match backend.stream.write_all(&first).await {
-        Ok(()) => {
-            let (mut relayed, datapath) = shared.datapath.relay(&client, backend).await;
-            relayed.up += prefix.len() as u64;
-            (relayed, datapath)
-        }
-        Err(e) => (
-            Relayed {
-                error: Some(e),
-                ..Relayed::default()
-            },
-            "none",
-        ),
-    };
+    let (relayed, datapath) = shared
+        .datapath
+        .relay_after(&client, backend, &header, &prefix)
+        .await;
     m.moved(&route.name, relayed.up, relayed.down);
-    let spilled = match relayed.spilled {
-        Some(n) => format!(" spilled={n}"),
-        None => String::new(),
-    };
-    let ended = match &relayed.error {
-        None => String::new(),
-        Some(e) => format!(" ended by: {e}"),
-    };
     log::info!(
-        "{peer} {protocol} route={} backend={} up={} down={} {:.3}s datapath={datapath}{spilled}{ended}",
+        "{peer} {protocol} route={} backend={} up={} down={} {:.3}s datapath={datapath}{}",
         route.name,
         route.backend,
         relayed.up,
         relayed.down,
         started.elapsed().as_secs_f64(),
+        relayed.outcome(),
     );
 }
 

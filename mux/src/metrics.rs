@@ -52,8 +52,8 @@ pub mod kind {
 
 pub struct Metrics {
     registry: Registry,
-    /// Every connection accepted, classified or not, until it ends.
-    pub open: Gauge,
+    /// Client connections accepted and not yet ended (the limits' count).
+    open: Gauge,
     pub accepted: Family<ConnectionLabels, Counter>,
     pub active: Family<ConnectionLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
@@ -193,6 +193,7 @@ impl Metrics {
             .map(|h| h.metrics().num_alive_tasks())
             .sum();
         self.tasks_alive.set(tasks as i64);
+        self.open.set(crate::limits::open() as i64);
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(dir.count() as i64);
         }
@@ -216,28 +217,6 @@ pub struct ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.metrics.active.get_or_create(&self.labels).dec();
-    }
-}
-
-/// Counts a connection in `mux_connections_open` until dropped.
-pub struct OpenGuard;
-
-impl OpenGuard {
-    pub fn new() -> OpenGuard {
-        get().open.inc();
-        OpenGuard
-    }
-}
-
-impl Default for OpenGuard {
-    fn default() -> Self {
-        OpenGuard::new()
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        get().open.dec();
     }
 }
 

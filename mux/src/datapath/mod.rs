@@ -14,7 +14,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::Interest;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 pub use self::ebpf::{Kernel, Lease};
@@ -33,6 +33,21 @@ pub struct Relayed {
     /// path through mux to keep the client's queue bounded.
     pub spilled: Option<u64>,
     pub error: Option<io::Error>,
+}
+
+impl Relayed {
+    /// The end of a connection's log line: what spilled off the kernel
+    /// path, and the error that ended it, if any.
+    pub fn outcome(&self) -> String {
+        let mut s = String::new();
+        if let Some(n) = self.spilled {
+            s.push_str(&format!(" spilled={n}"));
+        }
+        if let Some(e) = &self.error {
+            s.push_str(&format!(" ended by: {e}"));
+        }
+        s
+    }
 }
 
 /// How a connection's bytes move once it is classified.
@@ -121,6 +136,34 @@ impl DataPath {
                 format!("no answer within {limit:?}"),
             )),
         }
+    }
+
+    /// Sends the backend `header` (not the client's: a PROXY protocol
+    /// header) and `prefix` (what the client sent before the relay began) in
+    /// one write, then relays. `up` counts the prefix; a failed first write
+    /// ends the pair with data path "none".
+    pub async fn relay_after(
+        &self,
+        client: &TcpStream,
+        mut backend: Connected,
+        header: &[u8],
+        prefix: &[u8],
+    ) -> (Relayed, &'static str) {
+        let first = if header.is_empty() {
+            std::borrow::Cow::Borrowed(prefix)
+        } else {
+            std::borrow::Cow::Owned([header, prefix].concat())
+        };
+        if let Err(e) = backend.stream.write_all(&first).await {
+            let failed = Relayed {
+                error: Some(e),
+                ..Relayed::default()
+            };
+            return (failed, "none");
+        }
+        let (mut relayed, datapath) = self.relay(client, backend).await;
+        relayed.up += prefix.len() as u64;
+        (relayed, datapath)
     }
 
     /// Moves bytes between `client` and the backend until both directions

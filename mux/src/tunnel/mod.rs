@@ -94,7 +94,7 @@ impl Tunnel {
         });
         match &target.reach {
             Reach::Address(backend) => {
-                let mut connected = match shared
+                let connected = match shared
                     .datapath
                     .connect(&client, backend, shared.config.connect_timeout)
                     .await
@@ -122,26 +122,18 @@ impl Tunnel {
                     );
                     return;
                 }
-                if let Err(e) = connected.stream.write_all(early).await {
-                    log::info!(
-                        "{peer} CONNECT {authority}: target `{}` closed at once: {e}",
-                        target.name
-                    );
-                    return;
-                }
-                let (mut relayed, datapath) = shared.datapath.relay(&client, connected).await;
-                relayed.up += early.len() as u64;
+                let (relayed, datapath) = shared
+                    .datapath
+                    .relay_after(&client, connected, &[], early)
+                    .await;
                 m.moved(&route, relayed.up, relayed.down);
-                let ended = match &relayed.error {
-                    None => String::new(),
-                    Some(e) => format!(" ended by: {e}"),
-                };
                 log::info!(
-                    "{peer} connect target={} backend={backend} up={} down={} {:.3}s datapath={datapath}{ended}",
+                    "{peer} connect target={} backend={backend} up={} down={} {:.3}s datapath={datapath}{}",
                     target.name,
                     relayed.up,
                     relayed.down,
                     started.elapsed().as_secs_f64(),
+                    relayed.outcome(),
                 );
             }
             Reach::Agent => {
