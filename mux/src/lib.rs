@@ -5,6 +5,7 @@
 //! path carries the rest ([`datapath`]); [`connection`] ties those together.
 
 pub mod admin;
+pub mod balance;
 pub mod classify;
 pub mod cli;
 pub mod config;

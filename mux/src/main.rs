@@ -10,6 +10,9 @@ use mux::datapath::DataPath;
 use mux::privileges::{self, Pidfile};
 use mux::server::Control;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let (cli, matches) = cli::parse();
     match cli.command {

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::admin::ReloadRequest;
+use crate::balance::{Balance, Handoff, Slot};
 use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::datapath::DataPath;
@@ -159,7 +160,8 @@ impl Server {
         let (exit, exiting) = tokio::sync::watch::channel(false);
         let mut orders = Vec::new();
         let mut threads = Vec::new();
-        for w in 0..self.workers {
+        let (balance, handoffs) = Balance::new(self.workers);
+        for (w, handoffs) in handoffs.into_iter().enumerate() {
             let (tx, rx) = mpsc::unbounded_channel();
             for b in &self.bound {
                 if let Ok(dup) = b.sockets[w].try_clone() {
@@ -168,8 +170,13 @@ impl Server {
             }
             orders.push(tx);
             let (live, exiting) = (self.live.clone(), exiting.clone());
+            let me = Worker {
+                index: w,
+                balance: balance.clone(),
+                live,
+            };
             if w == 0 {
-                tokio::spawn(worker(rx, live, exiting));
+                tokio::spawn(worker(me, rx, handoffs, exiting));
                 crate::metrics::get().add_runtime(tokio::runtime::Handle::current());
                 continue;
             }
@@ -182,7 +189,7 @@ impl Server {
                     {
                         Ok(runtime) => {
                             crate::metrics::get().add_runtime(runtime.handle().clone());
-                            runtime.block_on(worker(rx, live, exiting))
+                            runtime.block_on(worker(me, rx, handoffs, exiting))
                         }
                         Err(e) => log::error!("worker {w}: cannot start a runtime: {e}"),
                     }
@@ -386,11 +393,56 @@ async fn bind_all(
     Ok(bound)
 }
 
-/// One worker: accepts on the sockets it is given until told to stop; its
-/// connections run until the server exits.
-async fn worker(
-    mut orders: mpsc::UnboundedReceiver<Order>,
+/// What a worker serves with.
+#[derive(Clone)]
+struct Worker {
+    index: usize,
+    balance: Arc<Balance>,
     live: Arc<Live>,
+}
+
+impl Worker {
+    /// Serves `client` on this worker's runtime, counted against `slot`.
+    fn serve(&self, client: tokio::net::TcpStream, peer: SocketAddr, slot: Slot) {
+        let shared = self.live.current();
+        tokio::spawn(async move {
+            connection::serve(shared, client, peer).await;
+            drop(slot);
+        });
+    }
+
+    /// Serves an accepted client here or on a less loaded worker.
+    fn place(&self, client: tokio::net::TcpStream, peer: SocketAddr) {
+        let slot = self.balance.place(self.index);
+        if slot.worker() == self.index {
+            return self.serve(client, peer, slot);
+        }
+        let stream = match client.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                return log::warn!("{peer}: cannot hand the connection to another worker: {e}");
+            }
+        };
+        if let Err(back) = self.balance.hand_off(Handoff { stream, peer, slot }) {
+            self.adopt(back.stream, peer, self.balance.count(self.index));
+        }
+    }
+
+    fn adopt(&self, stream: std::net::TcpStream, peer: SocketAddr, slot: Slot) {
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(client) => self.serve(client, peer, slot),
+            Err(e) => log::warn!("{peer}: cannot watch the connection: {e}"),
+        }
+    }
+}
+
+/// One worker: accepts on the sockets it is given until told to stop, and
+/// serves what other workers hand it; its connections run until the server
+/// exits.
+async fn worker(
+    me: Worker,
+    mut orders: mpsc::UnboundedReceiver<Order>,
+    mut handoffs: mpsc::UnboundedReceiver<Handoff>,
     mut exiting: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut loops: HashMap<SocketAddr, tokio::task::AbortHandle> = HashMap::new();
@@ -399,7 +451,7 @@ async fn worker(
             order = orders.recv() => match order {
                 Some(Order::Accept(addr, socket)) => match TcpListener::from_std(socket) {
                     Ok(listener) => {
-                        let task = tokio::spawn(accept_loop(listener, live.clone()));
+                        let task = tokio::spawn(accept_loop(listener, me.clone()));
                         if let Some(old) = loops.insert(addr, task.abort_handle()) {
                             old.abort();
                         }
@@ -415,6 +467,7 @@ async fn worker(
                     loops.drain().for_each(|(_, task)| task.abort());
                 }
             },
+            Some(h) = handoffs.recv() => me.adopt(h.stream, h.peer, h.slot),
             _ = exiting.wait_for(|exit| *exit) => break,
         }
     }
@@ -444,12 +497,10 @@ fn listen_on(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// says so for all of them.
 static EXHAUSTED: LogThrottle = LogThrottle::new();
 
-async fn accept_loop(listener: TcpListener, live: Arc<Live>) {
+async fn accept_loop(listener: TcpListener, me: Worker) {
     loop {
         match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(connection::serve(live.current(), client, peer));
-            }
+            Ok((client, peer)) => me.place(client, peer),
             Err(e) if is_resource_exhaustion(&e) => {
                 // The client stays in the backlog; retrying at once would spin.
                 if EXHAUSTED.ready() {

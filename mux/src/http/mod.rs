@@ -3,29 +3,31 @@
 //! cannot decide. hyper does the HTTP; bodies, SSE streams and upgraded
 //! connections (WebSocket) flow through as they arrive, never buffered whole.
 
+pub(crate) mod deadline;
 pub(crate) mod rewind;
 pub mod routes;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use deadline::Deadlines;
 use rewind::Rewind;
 pub use routes::{HttpRoute, normalize_prefix};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// A backend's body as it streams in, or mux's own short answer.
+type Body = Either<Incoming, Full<Bytes>>;
 
 /// How long a keep-alive connection may take to send the next request's
 /// headers before it is closed.
@@ -45,12 +47,37 @@ pub struct HttpLayer {
 /// keeping them per client spares every request a trip through a shared
 /// pool.
 struct Upstreams {
-    by_route: tokio::sync::Mutex<HashMap<usize, SendRequest<Incoming>>>,
+    /// Indexed by route; a connection in use is taken out.
+    by_route: std::sync::Mutex<Vec<Option<SendRequest<Incoming>>>>,
+
     /// The client and the address it dialled, for PROXY protocol headers.
     client: SocketAddr,
     local: Option<SocketAddr>,
     /// The client's address as X-Forwarded-For gives it.
     client_ip: HeaderValue,
+    /// Response deadlines, for an HTTP/1 client (one request at a time);
+    /// HTTP/2 streams wait at once, each with a timer of its own.
+    responses: Option<Deadlines>,
+}
+
+impl Upstreams {
+    /// Route `index`'s idle connection, taken out while a request uses it.
+    /// An HTTP/1 client has one request at a time; concurrent HTTP/2
+    /// streams to one route each get a connection rather than wait their
+    /// turn on one.
+    fn take(&self, index: usize) -> Option<SendRequest<Incoming>> {
+        let mut by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        by_route.get_mut(index).and_then(Option::take)
+    }
+
+    /// Keeps `sender` for the route's next request, unless another one is
+    /// kept already (this one then closes once its exchange is over).
+    fn put_back(&self, index: usize, sender: SendRequest<Incoming>) {
+        let mut by_route = self.by_route.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot @ None) = by_route.get_mut(index) {
+            *slot = Some(sender);
+        }
+    }
 }
 
 /// Why a request could not be forwarded.
@@ -90,10 +117,11 @@ impl HttpLayer {
         h2c: bool,
     ) -> hyper::Result<()> {
         let upstreams = Arc::new(Upstreams {
-            by_route: Default::default(),
+            by_route: std::sync::Mutex::new((0..self.routes.len()).map(|_| None).collect()),
             client: peer,
             local: stream.local_addr().ok(),
             client_ip: forwarded_for(peer),
+            responses: (!h2c).then(Deadlines::new),
         });
         let io = TokioIo::new(Rewind::new(prefix, stream));
         let service = hyper::service::service_fn(move |req| {
@@ -106,11 +134,16 @@ impl HttpLayer {
                 .await
         } else {
             hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(Deadlines::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 // A client may send its request, shut its write side and
                 // still expect the answer.
                 .half_close(true)
+                // A message's head and a short body go out in one send(2):
+                // writev(2) cost the kernel more per call here, and a
+                // request through the proxy is four writes. Large bodies
+                // take one more copy in user space.
+                .writev(false)
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
@@ -173,7 +206,11 @@ impl HttpLayer {
         }
         remove_hop_by_hop(req.headers_mut(), upgrade);
         if self.forwarded_headers {
-            add_forwarded(req.headers_mut(), &upstreams.client_ip, host);
+            add_forwarded(
+                req.headers_mut(),
+                &upstreams.client_ip,
+                shown.host_value().as_ref(),
+            );
         }
 
         if !req.headers().contains_key(header::HOST) {
@@ -183,8 +220,14 @@ impl HttpLayer {
             }
         }
         let exchange = self.forward(upstreams, index, req);
-        let mut res = match tokio::time::timeout(self.response_timeout, exchange).await {
-            Err(_elapsed) => {
+        // HTTP/2 streams wait at once: each has a timer of its own.
+        let deadlines = match &upstreams.responses {
+            Some(shared) => shared.clone(),
+            None => Deadlines::new(),
+        };
+        let answer = deadlines.within(self.response_timeout, exchange).await;
+        let mut res = match answer {
+            None => {
                 crate::metrics::get().error(crate::metrics::kind::BACKEND);
                 log::warn!(
                     "{shown}: route `{}`: backend {} sent no response within {:?}; 504",
@@ -200,7 +243,7 @@ impl HttpLayer {
                     ),
                 );
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 crate::metrics::get().error(crate::metrics::kind::BACKEND);
                 let why = match e {
                     ForwardError::Connect(e) => e.kind().to_string(),
@@ -219,7 +262,7 @@ impl HttpLayer {
                     ),
                 );
             }
-            Ok(Ok(res)) => res,
+            Some(Ok(res)) => res,
         };
         let status = res.status();
         match client_side {
@@ -238,7 +281,7 @@ impl HttpLayer {
             status.as_u16(),
             started.elapsed().as_secs_f64()
         );
-        res.map(BodyExt::boxed)
+        res.map(Either::Left)
     }
 }
 
@@ -251,20 +294,22 @@ impl HttpLayer {
         index: usize,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let mut by_route = upstreams.by_route.lock().await;
-        let reusable = match by_route.get_mut(&index) {
+        let mut idle = upstreams.take(index);
+        let reusable = match &mut idle {
             Some(sender) => sender.ready().await.is_ok(),
             None => false,
         };
-        if !reusable {
-            let sender = self.connect(index, upstreams).await?;
-            by_route.insert(index, sender);
-        }
-        let sender = by_route.get_mut(&index).expect("inserted above");
-        // The response future owns what it needs: the lock can go before
-        // the backend answers.
+        let mut sender = match idle {
+            Some(sender) if reusable => sender,
+            // Boxed: it runs once per backend connection, and its state
+            // would otherwise enlarge every request's future, which hyper
+            // moves into place per request.
+            _ => Box::pin(self.connect(index, upstreams)).await?,
+        };
+        // The response future owns what it needs: the connection can be
+        // put back before the backend answers.
         let response = sender.send_request(req);
-        drop(by_route);
+        upstreams.put_back(index, sender);
         response.await.map_err(ForwardError::Exchange)
     }
 
@@ -297,7 +342,10 @@ impl HttpLayer {
                 .await
                 .map_err(ForwardError::Connect)?;
         }
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            // As for the client's side (see `serve`).
+            .writev(false)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(ForwardError::Exchange)?;
         tokio::spawn(async move {
@@ -324,6 +372,19 @@ impl Shown {
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| self.uri.authority().map(|a| a.as_str()))
+    }
+}
+
+impl Shown {
+    /// `host()` as a header value: the client's own when it is usable.
+    fn host_value(&self) -> Option<HeaderValue> {
+        match &self.host {
+            Some(h) if h.to_str().is_ok() => Some(h.clone()),
+            _ => self
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        }
     }
 }
 
@@ -358,11 +419,7 @@ async fn bridge(client: OnUpgrade, backend: OnUpgrade, shown: String) {
 
 /// A response with a one-line plain-text body.
 fn text(status: StatusCode, body: String) -> Response<Body> {
-    let mut res = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut res = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -387,6 +444,11 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// those the Connection header names. An upgrade keeps Connection and
 /// Upgrade: they are the request.
 fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one look at each name is cheaper
+    // than a dozen lookups, each hashing its name.
+    if !headers.keys().any(|name| is_hop_by_hop(name, upgrade)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -404,15 +466,38 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     if !upgrade {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Whether `remove_hop_by_hop` removes headers named `name` (Connection
+/// stands for those it names).
+fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ]
+    .contains(name)
+        || (!upgrade && name == header::UPGRADE)
 }
 
 /// X-Forwarded-For (appended to any the client sent), -Proto and -Host.
@@ -424,8 +509,8 @@ fn forwarded_for(peer: SocketAddr) -> HeaderValue {
 
 /// `client` is the client's address as a header value, made once per
 /// connection.
-fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&str>) {
-    let chain = match headers.get("x-forwarded-for") {
+fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&HeaderValue>) {
+    let chain = match headers.get(&X_FORWARDED_FOR) {
         Some(earlier) => {
             let mut chain = earlier.as_bytes().to_vec();
             chain.extend_from_slice(b", ");
@@ -435,11 +520,11 @@ fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&st
         None => Some(client.clone()),
     };
     if let Some(v) = chain {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert("x-forwarded-host", v);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(v) = host {
+        headers.insert(X_FORWARDED_HOST, v.clone());
     }
 }
 
@@ -481,7 +566,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         let client = forwarded_for("[::ffff:127.0.0.1]:5000".parse().unwrap());
-        add_forwarded(&mut h, &client, Some("box:2222"));
+        add_forwarded(&mut h, &client, Some(&HeaderValue::from_static("box:2222")));
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "box:2222");

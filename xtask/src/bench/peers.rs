@@ -509,6 +509,12 @@ fn haproxy_config(system: System, port: u16, routes: Routes) -> String {
             vec![("ssh", ssh, ""), ("http", http, "")]
         }
         Routes::HttpPaths { main, embed } => {
+            // The same job as mux's and Caddy's defaults: both set X-Forwarded-For, -Proto and
+            // -Host, which HAProxy does only when told.
+            cfg.push_str(
+                "    option forwardfor\n    http-request set-header X-Forwarded-Proto http\n    \
+                 http-request set-header X-Forwarded-Host %[req.hdr(host)]\n",
+            );
             cfg.push_str(
                 "    acl embed path_beg /embedding-model/\n    use_backend embed if embed\n    default_backend main\n",
             );
@@ -623,6 +629,8 @@ mod tests {
         assert!(embed.contains("replace-path"));
         assert!(embed.contains("server s1 127.0.0.1:2"));
         assert!(!cfg.contains("splice"));
+        assert!(cfg.contains("\n    option forwardfor\n"));
+        assert!(cfg.contains("\n    http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"));
         assert!(haproxy_config(System::HaproxyTcp, 9, Routes::Any(a)).contains("splice-auto"));
     }
 

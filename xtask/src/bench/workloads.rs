@@ -196,8 +196,10 @@ impl Workload {
                 "`wrk -t2 -c64 -d{}s --latency` on each path (keep-alive). HAProxy (`mode http`, `path_beg` + \
                  `replace-path`), Caddy (`handle_path`) and mux (`path_prefix` with `strip_prefix`, routed per \
                  request by its HTTP layer) route `/embedding-model/*` to a second backend with the prefix \
-                 stripped. Direct: wrk to each backend (`/v1/models`). sslh takes no part: it cannot route \
-                 HTTP by path.",
+                 stripped. All three set X-Forwarded-For, -Proto and -Host (mux's and Caddy's default; \
+                 HAProxy is told to with `option forwardfor` and two `set-header` rules), and mux and Caddy \
+                 add the Date header that the backend leaves out. Direct: wrk to each backend \
+                 (`/v1/models`). sslh takes no part: it cannot route HTTP by path.",
                 p.http_secs
             ),
         }
