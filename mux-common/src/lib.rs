@@ -55,13 +55,21 @@ pub const REDIRECT_WINDOW: u64 = 4 << 20;
 /// room for per-segment overhead.
 pub const CLIENT_SNDBUF: u32 = 4 << 20;
 
-/// Name of the `SockHash<u64>` holding the sockets whose bytes the kernel
-/// moves: the backend's accepted socket (inserted by the sock_ops program)
-/// and mux's client socket (inserted by user space), each under the key user
-/// space chose in [`Pending`].
+/// Name of the `SockHash<u64>` holding the backends' accepted sockets
+/// (inserted by the sock_ops program under [`Pending::backend_key`]), to
+/// which the sk_msg program is attached: it runs on their sends.
 pub const MAP_SOCKS: &str = "MUX_SOCKS";
-/// Entries of [`MAP_SOCKS`]: two sockets per connection.
-pub const MAP_SOCKS_SIZE: u32 = 2 * MAX_CONNECTIONS;
+/// Entries of [`MAP_SOCKS`]: one socket per connection.
+pub const MAP_SOCKS_SIZE: u32 = MAX_CONNECTIONS;
+/// Name of the `SockHash<u64>` holding mux's client sockets (inserted by
+/// user space under [`Pending::client_key`]): where sk_msg redirects. A map
+/// of its own, with no program attached, because a socket in a map with an
+/// sk_msg program has every send copied through that program: mux's own
+/// splice(2) into the client socket (bytes that spill) would lose its
+/// zero-copy and ran slower than the splice path.
+pub const MAP_CLIENT_SOCK: &str = "MUX_CLIENT_SOCK";
+/// Entries of [`MAP_CLIENT_SOCK`]: one socket per connection.
+pub const MAP_CLIENT_SOCK_SIZE: u32 = MAX_CONNECTIONS;
 /// Value size of [`MAP_SOCKS`]: 8, not the 4 of aya's `SockHash`, because
 /// only then does a lookup from user space answer (with the socket's
 /// cookie); with 4 the kernel returns ENOSPC for every key, present or not.

@@ -15,8 +15,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, SockMap},
 };
 use mux_common::{
-    Capture, Client, Flow, ListenKey, MAP_LISTEN_SIZE, MAP_SOCKS_SIZE, MAP_SOCKS_VALUE_SIZE,
-    MAP_STATS_SIZE, MAP_TAKEOVER_SIZE, MAX_CONNECTIONS, Pending,
+    Capture, Client, Flow, ListenKey, MAP_CLIENT_SOCK_SIZE, MAP_LISTEN_SIZE, MAP_SOCKS_SIZE,
+    MAP_SOCKS_VALUE_SIZE, MAP_STATS_SIZE, MAP_TAKEOVER_SIZE, MAX_CONNECTIONS, Pending,
 };
 
 /// mux's outgoing sockets, by socket cookie, published by user space before
@@ -56,11 +56,18 @@ pub static MUX_TAKEOVER: HashMap<u32, u32> = HashMap::with_max_entries(MAP_TAKEO
 #[map]
 pub static MUX_LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
 
-/// The sockets whose traffic the kernel moves, under the keys chosen by user
-/// space (`Capture::backend_key`, `Capture::client_key`). The kernel drops a
-/// socket from this map by itself when the socket closes.
+/// The backends' sockets whose sends the kernel moves, under the keys chosen
+/// by user space (`Pending::backend_key`); sk_msg is attached here. The
+/// kernel drops a socket from this map by itself when the socket closes.
 #[map]
 pub static MUX_SOCKS: CookieSockHash<u64> = CookieSockHash::with_max_entries(MAP_SOCKS_SIZE);
+
+/// mux's client sockets, under `Pending::client_key`: the targets of
+/// sk_msg's redirects, in a map with no program so that mux's own sends to
+/// them stay plain TCP sends (see `mux_common::MAP_CLIENT_SOCK`).
+#[map]
+pub static MUX_CLIENT_SOCK: CookieSockHash<u64> =
+    CookieSockHash::with_max_entries(MAP_CLIENT_SOCK_SIZE);
 
 /// Counters, indexed by `mux_common::STAT_*`. Per-CPU, so a plain add is
 /// race-free without atomics.

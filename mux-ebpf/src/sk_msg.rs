@@ -1,11 +1,10 @@
 //! `mux_sk_msg`: the backend's sends go straight to the client socket.
 //!
-//! Attached to `MUX_SOCKS`, so it runs whenever a process sends on a socket
-//! in that map: the backends' sockets (inserted by sock_ops) and mux's own
-//! client sockets. A backend socket's flow is in `MUX_FLOWS`; the send is
-//! then redirected to the egress of the client socket under `client_key`. The bytes never reach mux's
-//! outgoing socket, skip one TCP hop over loopback and never enter user
-//! space. Any other send passes untouched.
+//! Attached to `MUX_SOCKS`, so it runs whenever a backend sends on a socket
+//! sock_ops put there. Its flow is in `MUX_FLOWS`; the send is then
+//! redirected to the egress of the client socket under `client_key` in
+//! `MUX_CLIENT_SOCK`. The bytes never reach mux's outgoing socket, skip one
+//! TCP hop over loopback and never enter user space.
 //!
 //! Backpressure: a redirected send that finds the client socket full fails
 //! with EAGAIN for a non-blocking backend, and an edge-triggered poller is
@@ -27,7 +26,7 @@ use mux_common::{REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SP
 
 use crate::{
     flow::{Side, SockFields, flow, read_words},
-    maps::{MUX_CLIENTS, MUX_FLOWS, MUX_SOCKS, bump},
+    maps::{MUX_CLIENT_SOCK, MUX_CLIENTS, MUX_FLOWS, bump},
 };
 
 #[sk_msg]
@@ -89,8 +88,12 @@ fn redirect(ctx: &SkMsgContext) {
         }
         let mut client_key: u64 = (*capture).client_key;
         // flags 0: to the client socket's egress.
-        let verdict =
-            bpf_msg_redirect_hash(md, MUX_SOCKS.as_ptr(), (&raw mut client_key).cast(), 0);
+        let verdict = bpf_msg_redirect_hash(
+            md,
+            MUX_CLIENT_SOCK.as_ptr(),
+            (&raw mut client_key).cast(),
+            0,
+        );
         if verdict as u32 == SK_PASS {
             (*capture).down_bytes += size;
             bump(STAT_REDIRECTED);

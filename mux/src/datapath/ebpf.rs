@@ -16,7 +16,8 @@ use crate::ebpf::{self, CLIENT_SNDBUF, EbpfError, KernelPrograms, Pending, Withd
 /// The loaded programs and what every connection needs from them.
 pub struct Kernel {
     programs: KernelPrograms,
-    /// Source of per-connection `MUX_SOCKS` keys (two per connection).
+    /// Source of per-connection socket keys (two per connection: the
+    /// client's in `MUX_CLIENT_SOCK`, the backend's in `MUX_SOCKS`).
     next_id: AtomicU64,
 }
 
@@ -83,7 +84,7 @@ impl Kernel {
         Ok((stream, lease))
     }
 
-    /// Puts the client socket in `MUX_SOCKS` and the outgoing socket in
+    /// Puts the client socket in `MUX_CLIENT_SOCK` and the outgoing socket in
     /// `MUX_PENDING`. The client socket must be there before the backend
     /// can send: a send that found no client socket would take the normal
     /// path and could be overtaken by later, redirected ones.
@@ -104,7 +105,7 @@ impl Kernel {
                 source: e.into(),
             },
         )?;
-        self.programs.insert_socket(client_key, client)?;
+        self.programs.insert_client_socket(client_key, client)?;
         // From here on the lease owns the entries, including on error.
         let lease = Lease {
             kernel: self.clone(),

@@ -13,8 +13,8 @@ use aya::{
     util::KernelVersion,
 };
 use mux_common::{
-    Capture, Client, Flow, ListenKey, MAP_CLIENTS, MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS,
-    MAP_SOCKS_VALUE_SIZE, MAP_STATS, PROG_SK_MSG, PROG_SOCK_OPS, Pending,
+    Capture, Client, Flow, ListenKey, MAP_CLIENT_SOCK, MAP_CLIENTS, MAP_FLOWS, MAP_LISTEN,
+    MAP_PENDING, MAP_SOCKS, MAP_SOCKS_VALUE_SIZE, MAP_STATS, PROG_SK_MSG, PROG_SOCK_OPS, Pending,
 };
 
 use super::{EbpfError, cgroup::cgroup2_mount, sys};
@@ -51,9 +51,11 @@ pub struct KernelPrograms {
     /// (`ListenKey` -> u32), likewise.
     pub(super) clients: MapData,
     pub(super) listen: MapData,
-    /// `MUX_SOCKS`, used through raw syscalls (see `sys`): aya's `SockHash`
+    /// `MUX_SOCKS` (backend sockets) and `MUX_CLIENT_SOCK` (client
+    /// sockets), used through raw syscalls (see `sys`): aya's `SockHash`
     /// only accepts 4-byte values.
     pub(super) socks: MapData,
+    pub(super) client_socks: MapData,
     pub(super) stats: PerCpuArray<MapData, u64>,
     program_ids: Vec<u32>,
     cgroup: PathBuf,
@@ -130,21 +132,21 @@ impl KernelPrograms {
             size_of::<ListenKey>(),
             size_of::<u32>(),
         )?;
-        let socks = match take(MAP_SOCKS)? {
-            Map::SockHash(data) => data,
-            _ => {
-                return Err(EbpfError::Missing {
-                    kind: "sockhash map",
-                    name: MAP_SOCKS,
-                });
-            }
+        let mut sock_hash = |name: &'static str| {
+            let data = match take(name)? {
+                Map::SockHash(data) => data,
+                _ => {
+                    return Err(EbpfError::Missing {
+                        kind: "sockhash map",
+                        name,
+                    });
+                }
+            };
+            check_sizes(&data, name, size_of::<u64>(), MAP_SOCKS_VALUE_SIZE as usize)?;
+            Ok(data)
         };
-        check_sizes(
-            &socks,
-            MAP_SOCKS,
-            size_of::<u64>(),
-            MAP_SOCKS_VALUE_SIZE as usize,
-        )?;
+        let socks = sock_hash(MAP_SOCKS)?;
+        let client_socks = sock_hash(MAP_CLIENT_SOCK)?;
         let stats = PerCpuArray::try_from(take(MAP_STATS)?).map_err(map_error(MAP_STATS))?;
 
         let sk_msg: &mut SkMsg = program(&mut ebpf, PROG_SK_MSG)?;
@@ -170,6 +172,7 @@ impl KernelPrograms {
             clients,
             listen,
             socks,
+            client_socks,
             stats,
             program_ids,
             cgroup,

@@ -10,9 +10,10 @@ use std::{
 
 use aya::maps::MapError;
 use mux_common::{
-    Capture, Client, Flow, ListenKey, MAP_CLIENTS, MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS,
-    MAP_SOCKS_SIZE, MAP_STATS, MAX_CONNECTIONS, Pending, STAT_CAPTURED, STAT_FLOW_FAILED,
-    STAT_INSERT_FAILED, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED,
+    Capture, Client, Flow, ListenKey, MAP_CLIENT_SOCK, MAP_CLIENT_SOCK_SIZE, MAP_CLIENTS,
+    MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS, MAP_SOCKS_SIZE, MAP_STATS, MAX_CONNECTIONS,
+    Pending, STAT_CAPTURED, STAT_FLOW_FAILED, STAT_INSERT_FAILED, STAT_REDIRECT_FAILED,
+    STAT_REDIRECTED, STAT_SPILLED,
 };
 
 use super::{EbpfError, KernelPrograms, sys};
@@ -28,7 +29,7 @@ pub struct Stats {
     pub flow_failed: u64,
     /// Backend sends the sk_msg program redirected to a client socket.
     pub redirected: u64,
-    /// Backend sends whose client socket had already left `MUX_SOCKS`.
+    /// Backend sends whose client socket had already left `MUX_CLIENT_SOCK`.
     pub redirect_failed: u64,
     /// Backend sends that took the normal path to keep the client's queue
     /// bounded (see `mux_common::REDIRECT_WINDOW`).
@@ -63,7 +64,7 @@ impl KernelPrograms {
     /// the connection will go into `MUX_SOCKS` under `pending.backend_key`,
     /// and its sends to the socket under `pending.client_key`.
     /// The client socket (cookie `pending.client_cookie`) must be in
-    /// `MUX_SOCKS` under `pending.client_key` already, and mux must not have
+    /// `MUX_CLIENT_SOCK` under `pending.client_key` already, and mux must not have
     /// written to it yet: the bound on what the client has outstanding
     /// counts from zero.
     pub fn publish(&self, cookie: u64, pending: Pending) -> Result<(), EbpfError> {
@@ -130,7 +131,7 @@ impl KernelPrograms {
             sys::remove(flows, &pending.flow).map_err(map_error(MAP_FLOWS))?;
         }
         self.remove_socket(pending.backend_key)?;
-        self.remove_socket(pending.client_key)?;
+        self.remove_client_socket(pending.client_key)?;
         if let Some(client) = self.client(pending.client_cookie)? {
             outcome.client_acked = client.acked;
         }
@@ -187,21 +188,35 @@ impl KernelPrograms {
         Ok(keys)
     }
 
+    /// Every key in `MUX_CLIENT_SOCK`, sorted (as [`Self::socket_keys`]).
+    pub fn client_socket_keys(&self) -> Result<Vec<u64>, EbpfError> {
+        let mut keys: Vec<u64> = sys::keys(self.client_socks.fd().as_fd(), MAP_CLIENT_SOCK_SIZE)
+            .map_err(map_error(MAP_CLIENT_SOCK))?;
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
     /// Puts one of mux's own sockets (the accepted client socket) into
-    /// `MUX_SOCKS` under `key`, replacing any socket there. The socket must
-    /// be an established TCP socket. The kernel removes it by itself when
-    /// the socket closes.
-    pub fn insert_socket(&self, key: u64, socket: impl AsFd) -> Result<(), EbpfError> {
+    /// `MUX_CLIENT_SOCK` under `key`, replacing any socket there. The socket
+    /// must be an established TCP socket. The kernel removes it by itself
+    /// when the socket closes.
+    pub fn insert_client_socket(&self, key: u64, socket: impl AsFd) -> Result<(), EbpfError> {
         let fd = socket.as_fd().as_raw_fd();
         let fd = u64::try_from(fd)
-            .map_err(|_| map_error(MAP_SOCKS)(io::Error::from_raw_os_error(libc::EBADF)))?;
-        sys::put(self.socks.fd().as_fd(), &key, &fd, BPF_ANY).map_err(map_error(MAP_SOCKS))
+            .map_err(|_| map_error(MAP_CLIENT_SOCK)(io::Error::from_raw_os_error(libc::EBADF)))?;
+        sys::put(self.client_socks.fd().as_fd(), &key, &fd, BPF_ANY)
+            .map_err(map_error(MAP_CLIENT_SOCK))
     }
 
     /// Removes the socket under `key` from `MUX_SOCKS`, if any; returns
     /// whether one was there.
     pub fn remove_socket(&self, key: u64) -> Result<bool, EbpfError> {
         sys::remove(self.socks.fd().as_fd(), &key).map_err(map_error(MAP_SOCKS))
+    }
+
+    /// Removes the socket under `key` from `MUX_CLIENT_SOCK`, if any.
+    pub fn remove_client_socket(&self, key: u64) -> Result<bool, EbpfError> {
+        sys::remove(self.client_socks.fd().as_fd(), &key).map_err(map_error(MAP_CLIENT_SOCK))
     }
 
     /// The kernel programs' counters, summed over CPUs.

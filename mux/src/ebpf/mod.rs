@@ -2,7 +2,7 @@
 //! programs built from mux-ebpf, and publish connections to their maps.
 //!
 //! The flow for one connection to a local backend: mux puts its client
-//! socket into `MUX_SOCKS` ([`KernelPrograms::insert_socket`]), publishes its
+//! socket into `MUX_CLIENT_SOCK` ([`KernelPrograms::insert_client_socket`]), publishes its
 //! not yet connected outgoing socket by cookie ([`KernelPrograms::publish`]),
 //! then connects. The sock_ops program records the connection's 4-tuple when
 //! the SYN leaves, and when the backend's side completes the handshake it

@@ -1,8 +1,8 @@
 //! Raw `bpf(2)` commands: map elements through a shared reference (aya's
 //! handles want `&mut self`, yet every connection task needs the maps), the
-//! one map aya cannot type (`MUX_SOCKS`: aya's `SockHash` insists on 4-byte
+//! maps aya cannot type (`MUX_SOCKS`, `MUX_CLIENT_SOCK`: aya's `SockHash` insists on 4-byte
 //! values, and with those the kernel answers no lookup, see
-//! `mux_common::MAP_SOCKS_VALUE_SIZE`), and attaching sk_msg to it.
+//! `mux_common::MAP_SOCKS_VALUE_SIZE`), and attaching sk_msg to the first.
 
 use std::{
     io,

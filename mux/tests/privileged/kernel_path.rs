@@ -78,10 +78,16 @@ fn runtime() -> tokio::runtime::Runtime {
 /// flows); 0 when idle.
 fn connection_entries(mux: &Mux) -> usize {
     let counts = mux::ebpf::map_entries_of(mux.pid()).unwrap();
-    ["MUX_SOCKS", "MUX_PENDING", "MUX_FLOWS", "MUX_CLIENTS"]
-        .iter()
-        .map(|name| counts.get(*name).copied().unwrap_or(0))
-        .sum()
+    [
+        "MUX_SOCKS",
+        "MUX_CLIENT_SOCK",
+        "MUX_PENDING",
+        "MUX_FLOWS",
+        "MUX_CLIENTS",
+    ]
+    .iter()
+    .map(|name| counts.get(*name).copied().unwrap_or(0))
+    .sum()
 }
 
 /// How many connections mux has logged as ended.

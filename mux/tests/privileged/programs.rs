@@ -143,7 +143,7 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     let (backend_key, client_key) = (base_key + 1, base_key);
 
     // The client side: a client connected to "mux", whose accepted socket
-    // goes into MUX_SOCKS before mux dials the backend.
+    // goes into MUX_CLIENT_SOCK before mux dials the backend.
     let front = TcpListener::bind(SocketAddr::new(local, 0)).unwrap();
     // Registered as mux's listener, so its accepted sockets report ACKs.
     programs
@@ -155,7 +155,9 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     let mut client = TcpStream::connect_timeout(&front.local_addr().unwrap(), DEADLINE).unwrap();
     client.set_read_timeout(Some(DEADLINE)).unwrap();
     let (mux_client, _) = accept(&front);
-    programs.insert_socket(client_key, &mux_client).unwrap();
+    programs
+        .insert_client_socket(client_key, &mux_client)
+        .unwrap();
 
     // The backend side: publish the outgoing socket by cookie, connect.
     let listener = TcpListener::bind(listen).unwrap();
@@ -227,10 +229,8 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     stranger.set_read_timeout(Some(DEADLINE)).unwrap();
     let (mut stranger_accepted, _) = accept(&listener);
     thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        programs.socket_keys().unwrap(),
-        vec![client_key, backend_key]
-    );
+    assert_eq!(programs.socket_keys().unwrap(), vec![backend_key]);
+    assert_eq!(programs.client_socket_keys().unwrap(), vec![client_key]);
     stranger_accepted.write_all(b"not yours").unwrap();
     assert_eq!(read_n(&mut stranger, 9), b"not yours");
 
@@ -249,6 +249,7 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     assert_eq!(programs.withdraw(cookie).unwrap(), None);
     assert_eq!(programs.connection_entries().unwrap(), (0, 0, 0));
     assert!(programs.socket_keys().unwrap().is_empty());
+    assert!(programs.client_socket_keys().unwrap().is_empty());
     accepted.write_all(b"after").unwrap();
     assert_eq!(read_n(&mut outgoing, 5), b"after");
 

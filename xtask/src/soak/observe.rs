@@ -12,7 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// mux's maps that hold one entry per live connection (or per socket of one); every one is
 /// empty when no connection is open. Its other maps (listeners, takeover ports, per-CPU
 /// statistics) hold entries for as long as it runs.
-pub const CONNECTION_MAPS: [&str; 4] = ["MUX_SOCKS", "MUX_PENDING", "MUX_FLOWS", "MUX_CLIENTS"];
+pub const CONNECTION_MAPS: [&str; 5] = [
+    "MUX_SOCKS",
+    "MUX_CLIENT_SOCK",
+    "MUX_PENDING",
+    "MUX_FLOWS",
+    "MUX_CLIENTS",
+];
 
 /// Open descriptors of `pid`.
 pub fn fd_count(pid: u32) -> Result<usize> {
