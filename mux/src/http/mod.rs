@@ -460,22 +460,27 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-    ] {
-        headers.remove(name);
+    for name in HOP_BY_HOP {
+        if name != header::CONNECTION || !upgrade {
+            headers.remove(name);
+        }
     }
     if !upgrade {
-        headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
 }
+
+/// Always hop-by-hop (Upgrade too, unless the request is an upgrade).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -486,18 +491,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Whether `remove_hop_by_hop` removes headers named `name` (Connection
 /// stands for those it names).
 fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
-    [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-    ]
-    .contains(name)
-        || (!upgrade && name == header::UPGRADE)
+    HOP_BY_HOP.contains(name) || (!upgrade && name == header::UPGRADE)
 }
 
 /// X-Forwarded-For (appended to any the client sent), -Proto and -Host.
