@@ -21,12 +21,6 @@ pub struct Deadlines {
     timer: Arc<Mutex<Pin<Box<tokio::time::Sleep>>>>,
 }
 
-impl Default for Deadlines {
-    fn default() -> Self {
-        Deadlines::new()
-    }
-}
-
 impl Deadlines {
     pub fn new() -> Deadlines {
         // Armed in the past: the first deadline re-arms it.

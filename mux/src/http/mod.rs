@@ -221,9 +221,13 @@ impl HttpLayer {
         }
         let exchange = self.forward(upstreams, index, req);
         // HTTP/2 streams wait at once: each has a timer of its own.
+        let own;
         let deadlines = match &upstreams.responses {
-            Some(shared) => shared.clone(),
-            None => Deadlines::new(),
+            Some(shared) => shared,
+            None => {
+                own = Deadlines::new();
+                &own
+            }
         };
         let answer = deadlines.within(self.response_timeout, exchange).await;
         let mut res = match answer {
@@ -373,9 +377,7 @@ impl Shown {
             .and_then(|h| h.to_str().ok())
             .or_else(|| self.uri.authority().map(|a| a.as_str()))
     }
-}
 
-impl Shown {
     /// `host()` as a header value: the client's own when it is usable.
     fn host_value(&self) -> Option<HeaderValue> {
         match &self.host {
