@@ -15,7 +15,7 @@ use serde_json::Value as Json;
 use super::Profile;
 use super::peers::{self, Backend, Bins, Datapath, Proc, Routes, Running, System};
 use super::procfs::{self, CpuMeter};
-use super::report::{Cell, Metric, Row, Section, Value};
+use super::report::{Metric, Row, Section, Value};
 
 /// The systems of the TCP workloads, in table order.
 const TCP_SYSTEMS: &[System] = &[
@@ -193,7 +193,7 @@ impl Workload {
                  sslh-fork's one process per connection."
                 .into(),
             Workload::Http => format!(
-                "`wrk -t2 -c64 -d{}s --latency` on each path (keep-alive). HAProxy (`mode http`, `path_beg` + \
+                "`wrk -t2 -c64 -d{}s --latency` on each path (keep-alive), after an unmeasured 1 s run on the same path. HAProxy (`mode http`, `path_beg` + \
                  `replace-path`), Caddy (`handle_path`) and mux (`path_prefix` with `strip_prefix`, routed per \
                  request by its HTTP layer) route `/embedding-model/*` to a second backend with the prefix \
                  stripped. All three set X-Forwarded-For, -Proto and -Host (mux's and Caddy's default; \
@@ -268,34 +268,49 @@ fn run_workload(
         })
         .collect();
     let backends = start_backends(ctx, w)?;
-    let mut rows = Vec::new();
     let mut notes = Vec::new();
-    for (&system, bar) in w.systems().iter().zip(&bars) {
-        let start = Instant::now();
-        bar.reset_elapsed();
-        let system_rows = run_system(ctx, w, system, &backends, bar, total, &mut notes)?;
-        let failed = system_rows
-            .iter()
-            .flat_map(|r| &r.cells)
-            .find_map(|c| match c {
-                Cell::Na(why) if !why.contains("no proxy") => Some(why.clone()),
-                _ => None,
-            });
-        let line = format!(
-            "[bench] {} {}: {} ({:.1}s)",
-            w.key(),
-            system.name(),
-            failed.map_or("done".into(), |why| format!("done, with {why}")),
-            start.elapsed().as_secs_f64()
-        );
-        bar.finish_and_clear();
-        if mp.is_hidden() {
-            println!("{line}");
-        } else {
-            mp.println(line)?;
+    let mut states = w
+        .systems()
+        .iter()
+        .map(|&system| SystemState::new(ctx, w, system, &backends))
+        .collect::<Result<Vec<_>>>()?;
+    // Repetitions are interleaved: round k runs every system once, in turn, so that a
+    // machine whose speed drifts during the run (a VM's neighbours, CPU frequency) shifts
+    // every system's figures alike instead of favouring whichever ran in a good phase.
+    for rep in 0..ctx.profile.reps {
+        for (state, bar) in states.iter_mut().zip(&bars) {
+            if rep == 0 {
+                bar.reset_elapsed();
+            }
+            run_round(ctx, w, state, rep, bar, total, &mut notes)?;
+            if rep + 1 == ctx.profile.reps {
+                let line = format!(
+                    "[bench] {} {}: {} ({:.1}s)",
+                    w.key(),
+                    state.system.name(),
+                    state
+                        .failure()
+                        .map_or("done".into(), |why| format!("done, with {why}")),
+                    state.seconds
+                );
+                bar.finish_and_clear();
+                if mp.is_hidden() {
+                    println!("{line}");
+                } else {
+                    mp.println(line)?;
+                }
+            }
         }
-        rows.extend(system_rows);
     }
+    let rows = states
+        .iter()
+        .flat_map(|state| {
+            w.cases()
+                .into_iter()
+                .zip(&state.reps)
+                .map(|(case, reps)| Row::new(case.label(), state.system.name(), reps))
+        })
+        .collect();
     if w == Workload::Memory {
         notes.push(memory_counts_note(ctx.profile));
     }
@@ -370,80 +385,113 @@ fn routes(w: Workload, b: &Backends, iperf: Option<SocketAddr>) -> Routes {
     }
 }
 
-/// All cases and repetitions of one system: one row per case. What the table should say
-/// besides the figures goes in `notes`.
-fn run_system(
+/// One system's figures so far, per case and repetition, and what it runs against.
+struct SystemState {
+    system: System,
+    /// Its iperf3 server (bulk only), kept over all rounds.
+    _iperf: Option<Backend>,
+    routes: Routes,
+    /// Per case, in `Workload::cases` order: one entry per repetition run so far.
+    reps: Vec<Vec<Vec<Value>>>,
+    /// Time spent measuring it, over all rounds.
+    seconds: f64,
+}
+
+impl SystemState {
+    fn new(ctx: &Ctx, w: Workload, system: System, backends: &Backends) -> Result<SystemState> {
+        let iperf = match w {
+            Workload::Bulk => Some(peers::iperf_server(
+                ctx.dir,
+                &format!("{}-{}-iperf3-server", w.key(), system.name()),
+            )?),
+            _ => None,
+        };
+        let routes = routes(w, backends, iperf.as_ref().map(|b| b.addr));
+        Ok(SystemState {
+            system,
+            _iperf: iperf,
+            routes,
+            reps: vec![Vec::new(); w.cases().len()],
+            seconds: 0.0,
+        })
+    }
+
+    /// Why a figure of this system is missing, if one is.
+    fn failure(&self) -> Option<String> {
+        self.reps.iter().flatten().flatten().find_map(|v| match v {
+            Value::Na(why) if !why.contains("no proxy") => Some(why.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// Repetition `rep` of every case on one system, started afresh for it and stopped after
+/// it, so that only one system runs at a time. What the table should say besides the
+/// figures goes in `notes`.
+fn run_round(
     ctx: &Ctx,
     w: Workload,
-    system: System,
-    backends: &Backends,
+    state: &mut SystemState,
+    rep: usize,
     bar: &ProgressBar,
     total: &ProgressBar,
     notes: &mut Vec<String>,
-) -> Result<Vec<Row>> {
+) -> Result<()> {
+    let start = Instant::now();
+    let system = state.system;
+    let routes = state.routes;
     let name = format!("{}-{}", w.key(), system.name());
-    let iperf = match w {
-        Workload::Bulk => Some(peers::iperf_server(
-            ctx.dir,
-            &format!("{name}-iperf3-server"),
-        )?),
-        _ => None,
-    };
-    let routes = routes(w, backends, iperf.as_ref().map(|b| b.addr));
     let metrics = w.metrics().len();
-    let mut rows = Vec::new();
-    // Memory starts a fresh system per repetition: an allocator that has once held N
-    // connections keeps some of that memory, which would flatter later repetitions.
+    // Memory starts a fresh system for each measurement: an allocator that has once held
+    // N connections keeps some of that memory, which would flatter what follows.
     let mut running: Option<Result<Running>> = None;
-    for case in w.cases() {
+    for (case, reps) in w.cases().into_iter().zip(&mut state.reps) {
         bar.set_message(case.label());
-        let mut reps: Vec<Vec<Value>> = Vec::new();
-        for rep in 0..ctx.profile.reps {
-            let mut retried = false;
-            let values = loop {
-                // A system that died (sslh-select past FD_SETSIZE) is restarted for what
-                // follows; one that failed to start is tried again, in case that was passing.
-                let alive = match running.as_mut() {
-                    Some(Ok(r)) => r.check_alive().is_ok(),
-                    _ => false,
-                };
-                if w == Workload::Memory || !alive {
-                    // Stop the old one before its successor takes its place.
-                    drop(running.take());
-                    running = Some(peers::start(ctx.dir, ctx.bins, system, routes, w.key()));
-                }
-                let r = match running.as_mut().expect("just started") {
-                    Ok(r) => r,
-                    // Why it cannot run here: no point in trying again right away.
-                    Err(e) => break failure_cells(e, metrics)?,
-                };
-                if rep == 0 && !retried && w == Workload::Http && case.label() == HTTP_PATHS[0] {
-                    notes.extend(http_answers(r, routes));
-                }
-                match measure(ctx, case, r, routes, &name, notes) {
-                    Ok(v) => break v,
-                    Err(e) if retried => break failure_cells(&e, metrics)?,
-                    Err(e) => {
-                        // Once in many runs a client fails for no reason the proxy is to blame
-                        // for; one more try, said in the notes so that nothing is hidden.
-                        failure_cells(&e, metrics)?;
-                        notes.push(format!(
-                            "{} {}: a repetition failed and was run again: {}",
-                            system.name(),
-                            case.label(),
-                            format!("{e:#}").replace('\n', " ")
-                        ));
-                        retried = true;
-                    }
-                }
+        let mut retried = false;
+        let values = loop {
+            // A system that died (sslh-select past FD_SETSIZE) is restarted for what
+            // follows; one that failed to start is tried again, in case that was passing.
+            let alive = match running.as_mut() {
+                Some(Ok(r)) => r.check_alive().is_ok(),
+                _ => false,
             };
-            reps.push(values);
-            bar.inc(1);
-            total.inc(1);
-        }
-        rows.push(Row::new(case.label(), system.name(), &reps));
+            if w == Workload::Memory || !alive {
+                // Stop the old one before its successor takes its place.
+                drop(running.take());
+                running = Some(peers::start(ctx.dir, ctx.bins, system, routes, w.key()));
+            }
+            let r = match running.as_mut().expect("just started") {
+                Ok(r) => r,
+                // Why it cannot run here: no point in trying again right away.
+                Err(e) => break failure_cells(e, metrics)?,
+            };
+            if rep == 0 && !retried && w == Workload::Http && case.label() == HTTP_PATHS[0] {
+                notes.extend(http_answers(r, routes));
+            }
+            match measure(ctx, case, r, routes, &name, notes) {
+                Ok(v) => break v,
+                Err(e) if retried => break failure_cells(&e, metrics)?,
+                Err(e) => {
+                    // Once in many runs a client fails for no reason the proxy is to blame
+                    // for; one more try, said in the notes so that nothing is hidden.
+                    failure_cells(&e, metrics)?;
+                    notes.push(format!(
+                        "{} {}: a repetition failed and was run again: {}",
+                        system.name(),
+                        case.label(),
+                        format!("{e:#}").replace('\n', " ")
+                    ));
+                    retried = true;
+                }
+            }
+        };
+        reps.push(values);
+        bar.inc(1);
+        total.inc(1);
     }
-    Ok(rows)
+    drop(running);
+    state.seconds += start.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// The cells of a repetition that failed, saying why; Err (ending the whole run, so that
@@ -702,6 +750,18 @@ fn memory(ctx: &Ctx, r: &mut Running, echo: SocketAddr, name: &str) -> Result<Ve
 
 /// One wrk run: [requests/s, p99 ms, errors (non-2xx responses and socket errors)].
 fn wrk(ctx: &Ctx, r: &mut Running, to: SocketAddr, path: &str, name: &str) -> Result<Vec<Value>> {
+    // Unmeasured: every system starts afresh each round, and the first second after a
+    // start (64 connections opening at once, caches and allocators warming) is not the
+    // steady state this measures.
+    client(
+        ctx,
+        r,
+        &format!("{name}-wrk-warmup"),
+        Command::new("wrk")
+            .args(["-t2", "-c64", "-d1s"])
+            .arg(format!("http://{to}{path}")),
+        1.0,
+    )?;
     let secs = ctx.profile.http_secs;
     let out = client(
         ctx,
