@@ -92,7 +92,14 @@ fn init_logging(verbose: u8) {
 fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let config = args.config(matches)?;
     match privileges::raise_fd_limit() {
-        Ok(n) => log::debug!("open file limit: {n}"),
+        Ok(n) => {
+            log::debug!("open file limit: {n}");
+            // Before any thread starts (see `presize_fd_table`).
+            match privileges::presize_fd_table(n) {
+                Ok(entries) => log::debug!("descriptor table sized for {entries}"),
+                Err(e) => log::debug!("cannot size the descriptor table: {e}"),
+            }
+        }
         Err(e) => log::warn!("cannot raise the open file limit: {e}"),
     }
     // The server adds a single-threaded runtime per further CPU itself.

@@ -93,6 +93,36 @@ impl Drop for Pidfile {
     }
 }
 
+/// Entries of the descriptor table [`presize_fd_table`] asks for at most:
+/// 10,000 spliced connections' worth (six descriptors each). 512 KiB of
+/// kernel memory.
+const FD_TABLE_AT_START: u64 = 1 << 16;
+
+/// Grows this process's descriptor table to `min(limit, 65536)` entries
+/// now, and gives that size. Call it while the process has one thread.
+///
+/// The kernel grows the table by doubling (64, 128, 256, ...) as
+/// descriptors are opened, and once the table is shared by several threads
+/// each doubling waits for an RCU grace period (`expand_fdtable`): about
+/// 15 ms here, during which every worker that opens a socket or pipe waits
+/// too. A burst of clients just after start (each spliced pair takes two
+/// sockets and four pipe ends) met four of them in a row. With one thread
+/// there is no wait, and a table never shrinks.
+pub fn presize_fd_table(limit: u64) -> io::Result<u64> {
+    let entries = limit.min(FD_TABLE_AT_START);
+    let Some(highest) = entries.checked_sub(1) else {
+        return Ok(0);
+    };
+    let any = std::fs::File::open("/")?;
+    // Asking for the lowest free descriptor at or above `highest` makes the
+    // kernel size the table to hold it; closing it leaves the table as is.
+    drop(rustix::io::fcntl_dupfd_cloexec(
+        &any,
+        i32::try_from(highest).unwrap_or(i32::MAX),
+    )?);
+    Ok(entries)
+}
+
 /// Each relayed pair holds two sockets and up to four pipe ends: the usual
 /// soft limit of 1024 would cap mux at ~170 connections. Raise the soft limit
 /// to the hard one, which needs no privilege.

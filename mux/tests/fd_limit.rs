@@ -178,3 +178,33 @@ async fn at_the_fd_limit_mux_backs_off_and_serves_again() {
         "mux did not exit cleanly on SIGTERM"
     );
 }
+
+/// The descriptor table is grown once at start, while mux has one thread:
+/// grown later, each doubling would stall every worker for an RCU grace
+/// period (see `privileges::presize_fd_table`).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_descriptor_table_is_sized_at_start() {
+    if !can_run("prlimit", have_tool("prlimit")) {
+        return;
+    }
+    let backend = echo_backend().await;
+    let mut mux = Mux::with_config_under(
+        &["prlimit", "--nofile=4096:4096", "--"],
+        &config("datapath = \"splice\"", &[("ssh", "ssh", backend)]),
+    )
+    .unwrap();
+    // Serving proves that start-up is over.
+    echoed(mux.addr, Duration::from_secs(5)).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", mux.pid())).unwrap();
+    let size: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no FDSize in {status}"));
+    // A process starts with 64 entries, and one connection needs few.
+    assert!(
+        size >= 4096,
+        "FDSize {size}, expected the whole limit (4096)"
+    );
+    assert!(mux.stop().unwrap().success());
+}
