@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod route;
+pub mod sched;
 pub mod server;
 pub mod status;
 pub mod takeover;

@@ -445,6 +445,10 @@ async fn worker(
     mut handoffs: mpsc::UnboundedReceiver<Handoff>,
     mut exiting: tokio::sync::watch::Receiver<bool>,
 ) {
+    // This runs on the worker's own thread for its whole life.
+    if let Err(e) = crate::sched::request_short_slice() {
+        log::debug!("worker {}: cannot ask for short time slices: {e}", me.index);
+    }
     let mut loops: HashMap<SocketAddr, tokio::task::AbortHandle> = HashMap::new();
     loop {
         tokio::select! {

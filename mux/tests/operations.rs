@@ -380,3 +380,60 @@ async fn the_drain_ends_at_drain_timeout() {
         Ok(0) | Err(_)
     ));
 }
+
+/// A thread's requested time slice in ns, from /proc (Linux 6.12 and later
+/// show it; None before).
+fn slice_ns(task: &std::path::Path) -> Option<u64> {
+    let sched = std::fs::read_to_string(task.join("sched")).ok()?;
+    sched
+        .lines()
+        .find(|l| l.starts_with("se.slice"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Every worker thread asks the scheduler for short slices, so that its
+/// wake-ups preempt busy tasks rather than wait out their slice.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_ask_for_short_time_slices() {
+    let own = std::path::Path::new("/proc/thread-self");
+    if !can_run(
+        "per-task time slices (Linux 6.12+)",
+        slice_ns(own).is_some(),
+    ) {
+        return;
+    }
+    let backend = echo_backend().await;
+    let mut mux = Mux::with_config(&config("", &[("ssh", "ssh", backend)])).unwrap();
+    // A connection served means every worker is up.
+    let mut s = TcpStream::connect(mux.addr).await.unwrap();
+    s.write_all(b"SSH-2.0-slice\r\n").await.unwrap();
+    let mut back = [0u8; 15];
+    timeout(LIMIT, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", mux.pid()));
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(&tasks).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap();
+        // Worker 0 runs on the main thread (its id is the process id).
+        let main = path.file_name().unwrap().to_string_lossy() == mux.pid().to_string();
+        if main || name.starts_with("mux-worker-") {
+            workers.push((name.trim().to_string(), slice_ns(&path)));
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(workers.len(), cpus, "one worker per CPU: {workers:?}");
+    assert!(
+        workers
+            .iter()
+            .all(|(_, slice)| *slice == Some(mux::sched::WORKER_SLICE_NS)),
+        "slices: {workers:?}, the default is {:?}",
+        slice_ns(own)
+    );
+    // SIGTERM lets live connections finish.
+    drop(s);
+    assert!(mux.stop().unwrap().success());
+}
