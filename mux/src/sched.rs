@@ -30,13 +30,25 @@ struct SchedAttr {
     util_max: u32,
 }
 
-/// Asks for [`WORKER_SLICE_NS`] slices for the calling thread, keeping it in
-/// the normal policy at its nice value.
+/// Asks for [`WORKER_SLICE_NS`] slices for the calling thread, keeping its
+/// policy and nice value. A thread an administrator put in another policy
+/// than the normal or batch one (idle, real-time) is left as it is.
 pub fn request_short_slice() -> io::Result<()> {
+    // SAFETY: pid 0 is the calling thread; no memory is passed.
+    let current = unsafe { libc::sched_getscheduler(0) };
+    if current < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let reset_on_fork = current & libc::SCHED_RESET_ON_FORK != 0;
+    let policy = current & !libc::SCHED_RESET_ON_FORK;
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
+        return Ok(());
+    }
     let attr = SchedAttr {
         size: size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
+        policy: policy as u32,
+        // SCHED_FLAG_RESET_ON_FORK, kept as it was.
+        flags: u64::from(reset_on_fork),
         // SAFETY: getpriority on the calling thread has no memory effects.
         nice: unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
         priority: 0,
