@@ -59,7 +59,8 @@ pub fn request_short_slice() -> io::Result<()> {
         util_max: 0,
     };
     // SAFETY: pid 0 is the calling thread, `attr` is a valid, fully
-    // initialised sched_attr of the size it declares, flags 0.
+    // initialised sched_attr of the size it declares; the call takes no
+    // flags of its own.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
     if rc == 0 {
         Ok(())
