@@ -284,21 +284,7 @@ fn run_workload(
             }
             run_round(ctx, w, state, rep, bar, total, &mut notes)?;
             if rep + 1 == ctx.profile.reps {
-                let line = format!(
-                    "[bench] {} {}: {} ({:.1}s)",
-                    w.key(),
-                    state.system.name(),
-                    state
-                        .failure()
-                        .map_or("done".into(), |why| format!("done, with {why}")),
-                    state.seconds
-                );
-                bar.finish_and_clear();
-                if mp.is_hidden() {
-                    println!("{line}");
-                } else {
-                    mp.println(line)?;
-                }
+                say_done(mp, bar, w, state)?;
             }
         }
     }
@@ -383,6 +369,26 @@ fn routes(w: Workload, b: &Backends, iperf: Option<SocketAddr>) -> Routes {
             embed: addr(&b.second),
         },
     }
+}
+
+/// The line that says a system has run all its rounds, in place of its progress bar.
+fn say_done(mp: &MultiProgress, bar: &ProgressBar, w: Workload, state: &SystemState) -> Result<()> {
+    let line = format!(
+        "[bench] {} {}: {} ({:.1}s)",
+        w.key(),
+        state.system.name(),
+        state
+            .failure()
+            .map_or("done".into(), |why| format!("done, with {why}")),
+        state.seconds
+    );
+    bar.finish_and_clear();
+    if mp.is_hidden() {
+        println!("{line}");
+    } else {
+        mp.println(line)?;
+    }
+    Ok(())
 }
 
 /// One system's figures so far, per case and repetition, and what it runs against.
