@@ -105,6 +105,9 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
     // The server adds a single-threaded runtime per further CPU itself.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // This thread becomes a worker, maybe kept to one CPU; the threads
+        // it spawns later are not workers.
+        .on_thread_start(mux::sched::unpin)
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {

@@ -161,6 +161,13 @@ impl Server {
         let mut orders = Vec::new();
         let mut threads = Vec::new();
         let (balance, handoffs) = Balance::new(self.workers);
+        let cpus = match crate::sched::cpus_for_workers(self.workers) {
+            Ok(cpus) => cpus,
+            Err(e) => {
+                log::debug!("cannot read the CPUs mux may use: {e}");
+                None
+            }
+        };
         for (w, handoffs) in handoffs.into_iter().enumerate() {
             let (tx, rx) = mpsc::unbounded_channel();
             for b in &self.bound {
@@ -172,6 +179,7 @@ impl Server {
             let (live, exiting) = (self.live.clone(), exiting.clone());
             let me = Worker {
                 index: w,
+                cpu: cpus.as_ref().map(|cpus| cpus[w]),
                 balance: balance.clone(),
                 live,
             };
@@ -185,6 +193,7 @@ impl Server {
                 .spawn(move || {
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        .on_thread_start(crate::sched::unpin)
                         .build()
                     {
                         Ok(runtime) => {
@@ -397,6 +406,8 @@ async fn bind_all(
 #[derive(Clone)]
 struct Worker {
     index: usize,
+    /// The CPU it keeps to, when there is one per worker.
+    cpu: Option<usize>,
     balance: Arc<Balance>,
     live: Arc<Live>,
 }
@@ -448,6 +459,12 @@ async fn worker(
     // This runs on the worker's own thread for its whole life.
     if let Err(e) = crate::sched::request_short_slice() {
         log::debug!("worker {}: cannot ask for short time slices: {e}", me.index);
+    }
+    if let Some(cpu) = me.cpu {
+        match crate::sched::pin_to_cpu(cpu) {
+            Ok(()) => log::debug!("worker {} runs on CPU {cpu}", me.index),
+            Err(e) => log::debug!("worker {}: cannot keep to CPU {cpu}: {e}", me.index),
+        }
     }
     let mut loops: HashMap<SocketAddr, tokio::task::AbortHandle> = HashMap::new();
     loop {

@@ -437,3 +437,86 @@ async fn workers_ask_for_short_time_slices() {
     drop(s);
     assert!(mux.stop().unwrap().success());
 }
+
+/// The CPUs a thread may run on, from /proc ("0-1", "0,2-3").
+fn cpus_allowed(task: &std::path::Path) -> Vec<usize> {
+    let status = std::fs::read_to_string(task.join("status")).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(first.parse::<usize>().unwrap()..=last.parse().unwrap());
+    }
+    cpus
+}
+
+/// Each worker keeps to a CPU of its own: two workers left to share one
+/// took turns a 4 ms tick at a time. Threads a worker spawns (tokio's
+/// blocking pool, here resolving a backend's name) may run anywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_worker_keeps_to_a_cpu_of_its_own() {
+    let allowed = cpus_allowed(std::path::Path::new("/proc/thread-self"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !can_run(
+        "as many CPUs allowed as the CPU quota gives (mux pins only then)",
+        allowed.len() == cpus,
+    ) {
+        return;
+    }
+    let backend = echo_backend().await;
+    // A name, not an address: resolving it takes a blocking-pool thread.
+    let config = format!(
+        "listen = [\"127.0.0.1:0\"]\n[[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"localhost:{}\"\n",
+        backend.port()
+    );
+    let mut mux = Mux::with_config(&config).unwrap();
+    // Enough connections that each worker serves some.
+    let mut clients = Vec::new();
+    for _ in 0..4 * cpus {
+        let mut s = TcpStream::connect(mux.addr).await.unwrap();
+        s.write_all(b"SSH-2.0-pinned\r\n").await.unwrap();
+        let mut back = [0u8; 16];
+        timeout(LIMIT, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        clients.push(s);
+    }
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", mux.pid()));
+    let (mut workers, mut others) = (Vec::new(), Vec::new());
+    for task in std::fs::read_dir(&tasks).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap();
+        let main = path.file_name().unwrap().to_string_lossy() == mux.pid().to_string();
+        let entry = (name.trim().to_string(), cpus_allowed(&path));
+        if main || name.starts_with("mux-worker-") {
+            workers.push(entry);
+        } else {
+            others.push(entry);
+        }
+    }
+    assert_eq!(workers.len(), cpus, "one worker per CPU: {workers:?}");
+    let mut pinned: Vec<usize> = workers
+        .iter()
+        .map(|(name, set)| match set[..] {
+            [cpu] => cpu,
+            _ => panic!("{name} may run on {set:?}"),
+        })
+        .collect();
+    pinned.sort_unstable();
+    assert_eq!(pinned, allowed, "a CPU of its own each: {workers:?}");
+    assert!(
+        others.iter().any(|(name, _)| name.starts_with("tokio-r")),
+        "no blocking-pool thread: {others:?}"
+    );
+    assert!(
+        others.iter().all(|(_, set)| *set == allowed),
+        "threads that are not workers keep every CPU: {others:?}"
+    );
+    drop(clients);
+    assert!(mux.stop().unwrap().success());
+}
