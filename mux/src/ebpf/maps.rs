@@ -106,39 +106,54 @@ impl KernelPrograms {
         sys::put(self.listen.fd().as_fd(), &key, &1u32, BPF_ANY).map_err(map_error(MAP_LISTEN))
     }
 
-    /// Ends a published connection: reads what the kernel did, then deletes
+    /// Ends a published connection: reads what the kernel did and deletes
     /// its entries (the pending socket, its flow, and both sockets' keys).
     /// `None` if `cookie` was not published. Call it when the connection is
     /// over, whether it connected or not: nothing else cleans up.
     pub fn withdraw(&self, cookie: u64) -> Result<Option<Withdrawn>, EbpfError> {
-        let pending_map = self.pending.fd().as_fd();
-        let Some(pending) =
-            sys::get::<u64, Pending>(pending_map, &cookie).map_err(map_error(MAP_PENDING))?
+        let Some(pending) = sys::take::<u64, Pending>(self.pending.fd().as_fd(), &cookie)
+            .map_err(map_error(MAP_PENDING))?
         else {
             return Ok(None);
         };
+        // The pending entry is gone: a failure below leaves the rest for
+        // good, so every step runs and the first error is reported.
         let mut outcome = Withdrawn::default();
+        let mut first_error = None;
+        let mut note = |r: Result<(), EbpfError>| {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        };
         if pending.connected != 0 {
             outcome.connected = true;
-            let flows = self.flows.fd().as_fd();
-            if let Some(capture) =
-                sys::get::<Flow, Capture>(flows, &pending.flow).map_err(map_error(MAP_FLOWS))?
-            {
-                outcome.captured = capture.captured != 0;
-                outcome.down_bytes = capture.down_bytes;
-                outcome.spilled_bytes = capture.passed_bytes;
-            }
-            sys::remove(flows, &pending.flow).map_err(map_error(MAP_FLOWS))?;
+            note(
+                sys::take::<Flow, Capture>(self.flows.fd().as_fd(), &pending.flow)
+                    .map(|capture| {
+                        if let Some(capture) = capture {
+                            outcome.captured = capture.captured != 0;
+                            outcome.down_bytes = capture.down_bytes;
+                            outcome.spilled_bytes = capture.passed_bytes;
+                        }
+                    })
+                    .map_err(map_error(MAP_FLOWS)),
+            );
         }
-        self.remove_socket(pending.backend_key)?;
-        self.remove_client_socket(pending.client_key)?;
-        if let Some(client) = self.client(pending.client_cookie)? {
-            outcome.client_acked = client.acked;
+        note(self.remove_socket(pending.backend_key).map(drop));
+        note(self.remove_client_socket(pending.client_key).map(drop));
+        note(
+            sys::take::<u64, Client>(self.clients.fd().as_fd(), &pending.client_cookie)
+                .map(|client| {
+                    if let Some(client) = client {
+                        outcome.client_acked = client.acked;
+                    }
+                })
+                .map_err(map_error(MAP_CLIENTS)),
+        );
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(Some(outcome)),
         }
-        sys::remove(self.clients.fd().as_fd(), &pending.client_cookie)
-            .map_err(map_error(MAP_CLIENTS))?;
-        sys::remove(pending_map, &cookie).map_err(map_error(MAP_PENDING))?;
-        Ok(Some(outcome))
     }
 
     /// The pending entry for `cookie` as the kernel left it, if any.
