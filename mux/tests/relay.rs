@@ -122,3 +122,71 @@ async fn a_thousand_concurrent_connections_all_complete() {
     .unwrap();
     assert_eq!(all, N);
 }
+
+/// How many pipes process `pid` has open.
+fn pipes_open(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+/// On the splice path a connection that only exchanges small messages holds
+/// no pipe (they are copied); one that moves bulk takes its pipes and keeps
+/// every byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn splice_takes_pipes_for_bulk_only() {
+    let backend = echo_backend().await;
+    let mux =
+        Mux::with_config(&config("datapath = \"splice\"", &[("ssh", "ssh", backend)])).unwrap();
+    let baseline = pipes_open(mux.pid());
+    let mut small = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(mux.addr).await.unwrap();
+        let hello = format!("SSH-2.0-small-{i:02}\r\n");
+        s.write_all(hello.as_bytes()).await.unwrap();
+        for _ in 0..2 {
+            let mut back = vec![0u8; hello.len()];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(back, hello.as_bytes());
+            s.write_all(hello.as_bytes()).await.unwrap();
+        }
+        small.push(s);
+    }
+    assert_eq!(
+        pipes_open(mux.pid()),
+        baseline,
+        "small exchanges took pipes"
+    );
+
+    // 4 MiB each way on one more connection, echoed whole.
+    let bulk = TcpStream::connect(mux.addr).await.unwrap();
+    let (mut r, mut w) = bulk.into_split();
+    const BULK: u64 = 4 << 20;
+    let writer = tokio::spawn(async move {
+        w.write_all(b"SSH-2.0-bulk\r\n").await.unwrap();
+        let sent = write_stream(&mut w, BULK, 3, false).await;
+        (sent, w)
+    });
+    let mut echoed = vec![0u8; 14 + BULK as usize];
+    tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    let (sent, _w) = writer.await.unwrap();
+    assert_eq!(sent, BULK);
+    let mut expected = b"SSH-2.0-bulk\r\n".to_vec();
+    expected.resize(echoed.len(), 0);
+    Stream::new(3).fill(&mut expected[14..]);
+    assert!(echoed == expected, "the echo differs from what was sent");
+    assert_eq!(
+        pipes_open(mux.pid()),
+        baseline + 4,
+        "a pipe (two ends) for each direction of the bulk connection"
+    );
+    drop(small);
+}

@@ -213,21 +213,16 @@ async fn splice_pair(
     r: &mut Relayed,
     delivered: impl FnMut(u64),
 ) -> io::Result<((), ())> {
-    match splice::Pipes::new() {
-        Ok(mut pipes) => {
-            let (a, b) = pipes.halves();
-            tokio::try_join!(
-                pump(client, backend, a, &mut r.up, |_| {}),
-                pump(backend, client, b, &mut r.down, delivered)
-            )
-        }
-        Err(e) => {
-            // Out of fds or pipe memory: this pair still deserves service,
-            // just without the pipe.
-            log::warn!("splice: cannot create pipes ({e}); copying this connection instead");
-            copy_pair(client, backend, r).await
-        }
-    }
+    tokio::try_join!(
+        pump(client, backend, splice::Adaptive::new(), &mut r.up, |_| {}),
+        pump(
+            backend,
+            client,
+            splice::Adaptive::new(),
+            &mut r.down,
+            delivered
+        )
+    )
 }
 
 async fn copy_pair(
