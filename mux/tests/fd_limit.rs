@@ -46,7 +46,6 @@ async fn at_the_fd_limit_mux_backs_off_and_serves_again() {
     let backend = echo_backend().await;
     let mut mux = Mux::with_config_under(
         &["prlimit", FD_LIMIT, "--"],
-        // splice takes the most descriptors per pair (two pipes).
         &config("datapath = \"splice\"", &[("ssh", "ssh", backend)]),
     )
     .unwrap();

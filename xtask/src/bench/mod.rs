@@ -63,7 +63,7 @@ pub struct Profile {
 /// The memory workload's target; fewer when the open-file limit cannot hold them.
 const IDLE_CONNS: usize = 10_000;
 /// Descriptors a proxy holds per relayed connection at most: mux's splice and kernel paths
-/// keep two sockets and two pipes (four ends).
+/// keep two sockets, and two pipes (four ends) once bytes flow in bulk.
 const FDS_PER_CONN: usize = 6;
 
 impl Profile {
@@ -77,7 +77,8 @@ impl Profile {
                 fit.max(500),
                 format!(
                     "not {IDLE_CONNS}: the open-file hard limit here is {fd_limit} and cannot be raised, and \
-                     mux's splice and kernel paths hold {FDS_PER_CONN} descriptors per connection (2 sockets, 2 pipes)"
+                     mux's splice and kernel paths hold up to {FDS_PER_CONN} descriptors per connection (2 sockets, \
+                     and 2 pipes once bytes flow in bulk)"
                 ),
             )
         };
