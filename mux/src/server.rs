@@ -179,7 +179,7 @@ impl Server {
             let (live, exiting) = (self.live.clone(), exiting.clone());
             let me = Worker {
                 index: w,
-                cpu: cpus.as_ref().map(|cpus| cpus[w]),
+                cpu: cpus.as_ref().and_then(|cpus| cpus.get(w).copied()),
                 balance: balance.clone(),
                 live,
             };
