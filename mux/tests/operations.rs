@@ -381,6 +381,44 @@ async fn the_drain_ends_at_drain_timeout() {
     ));
 }
 
+/// A client whose first bytes came back through mux (to an echo backend).
+async fn echoed_client(addr: std::net::SocketAddr, hello: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    timeout(LIMIT, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, hello);
+    s
+}
+
+/// One thread of a process, from /proc.
+struct Thread {
+    path: std::path::PathBuf,
+    name: String,
+    /// One of mux's workers: worker 0 runs on the main thread (whose id is
+    /// the process id), the others on threads named `mux-worker-N`.
+    worker: bool,
+}
+
+fn threads(pid: u32) -> Vec<Thread> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let path = task.unwrap().path();
+            let name = std::fs::read_to_string(path.join("comm"))
+                .unwrap()
+                .trim()
+                .to_string();
+            let main = path.file_name().unwrap().to_string_lossy() == pid.to_string();
+            let worker = main || name.starts_with("mux-worker-");
+            Thread { path, name, worker }
+        })
+        .collect()
+}
+
 /// A thread's requested time slice in ns, from /proc (Linux 6.12 and later
 /// show it; None before).
 fn slice_ns(task: &std::path::Path) -> Option<u64> {
@@ -406,24 +444,12 @@ async fn workers_ask_for_short_time_slices() {
     let backend = echo_backend().await;
     let mut mux = Mux::with_config(&config("", &[("ssh", "ssh", backend)])).unwrap();
     // A connection served means every worker is up.
-    let mut s = TcpStream::connect(mux.addr).await.unwrap();
-    s.write_all(b"SSH-2.0-slice\r\n").await.unwrap();
-    let mut back = [0u8; 15];
-    timeout(LIMIT, s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", mux.pid()));
-    let mut workers = Vec::new();
-    for task in std::fs::read_dir(&tasks).unwrap() {
-        let path = task.unwrap().path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap();
-        // Worker 0 runs on the main thread (its id is the process id).
-        let main = path.file_name().unwrap().to_string_lossy() == mux.pid().to_string();
-        if main || name.starts_with("mux-worker-") {
-            workers.push((name.trim().to_string(), slice_ns(&path)));
-        }
-    }
+    let s = echoed_client(mux.addr, b"SSH-2.0-slice\r\n").await;
+    let workers: Vec<_> = threads(mux.pid())
+        .into_iter()
+        .filter(|t| t.worker)
+        .map(|t| (t.name, slice_ns(&t.path)))
+        .collect();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(workers.len(), cpus, "one worker per CPU: {workers:?}");
     assert!(
@@ -477,23 +503,12 @@ async fn each_worker_keeps_to_a_cpu_of_its_own() {
     // Enough connections that each worker serves some.
     let mut clients = Vec::new();
     for _ in 0..4 * cpus {
-        let mut s = TcpStream::connect(mux.addr).await.unwrap();
-        s.write_all(b"SSH-2.0-pinned\r\n").await.unwrap();
-        let mut back = [0u8; 16];
-        timeout(LIMIT, s.read_exact(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
-        clients.push(s);
+        clients.push(echoed_client(mux.addr, b"SSH-2.0-pinned\r\n").await);
     }
-    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", mux.pid()));
     let (mut workers, mut others) = (Vec::new(), Vec::new());
-    for task in std::fs::read_dir(&tasks).unwrap() {
-        let path = task.unwrap().path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap();
-        let main = path.file_name().unwrap().to_string_lossy() == mux.pid().to_string();
-        let entry = (name.trim().to_string(), cpus_allowed(&path));
-        if main || name.starts_with("mux-worker-") {
+    for t in threads(mux.pid()) {
+        let entry = (t.name, cpus_allowed(&t.path));
+        if t.worker {
             workers.push(entry);
         } else {
             others.push(entry);

@@ -85,20 +85,7 @@ pub(super) fn attach_sk_msg(map: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io:
 
 /// The value under `key` of a map whose keys are `K` and values `V`.
 pub(super) fn get<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
-    let mut value = std::mem::MaybeUninit::<V>::zeroed();
-    match bpf(
-        BPF_MAP_LOOKUP_ELEM,
-        map,
-        std::ptr::from_ref(key) as u64,
-        value.as_mut_ptr() as u64,
-        0,
-    ) {
-        // SAFETY: the kernel filled all `size_of::<V>()` bytes (the map's
-        // value size, checked at load), and any bytes are a valid Pod.
-        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
-        Err(err) if is_enoent(&err) => Ok(None),
-        Err(err) => Err(err),
-    }
+    lookup(BPF_MAP_LOOKUP_ELEM, map, key)
 }
 
 /// The value under `key`, deleted in the same call (hash maps, Linux 5.14
@@ -108,15 +95,25 @@ pub(super) fn take<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {
+    lookup(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key)
+}
+
+/// A command that writes the value under `key` back: `None` for no such key.
+fn lookup<K: aya::Pod, V: aya::Pod>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
     let mut value = std::mem::MaybeUninit::<V>::zeroed();
     match bpf(
-        BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+        cmd,
         map,
         std::ptr::from_ref(key) as u64,
         value.as_mut_ptr() as u64,
         0,
     ) {
-        // SAFETY: as in `get`.
+        // SAFETY: the kernel filled all `size_of::<V>()` bytes (the map's
+        // value size, checked at load), and any bytes are a valid Pod.
         Ok(()) => Ok(Some(unsafe { value.assume_init() })),
         Err(err) if is_enoent(&err) => Ok(None),
         Err(err) => Err(err),
