@@ -58,16 +58,20 @@ impl Adaptive {
 
 impl Stage for Adaptive {
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
-        if let Adaptive::Small { bulk: true, .. } = self {
+        if let Adaptive::Small {
+            bulk: true,
+            no_pipe,
+            ..
+        } = self
+        {
             match Pipe::new() {
                 Ok(pipe) => *self = Adaptive::Bulk(pipe),
                 Err(e) => {
                     // Out of descriptors or pipe memory: this pair still
-                    // deserves service, copied.
+                    // deserves service, copied (the read below clears
+                    // `bulk` for good).
                     log::warn!("splice: cannot create a pipe ({e}); copying this direction");
-                    if let Adaptive::Small { bulk, no_pipe, .. } = self {
-                        (*bulk, *no_pipe) = (false, true);
-                    }
+                    *no_pipe = true;
                 }
             }
         }
