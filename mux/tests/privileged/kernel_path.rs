@@ -587,6 +587,123 @@ fn ten_thousand_short_connections_leave_the_maps_idle() {
     });
 }
 
+/// A download that outran its client spills through mux; once the backend
+/// pauses and mux has delivered what spilled, the kernel takes the next
+/// download again. Phase 1: 16 MiB that the client does not read for a
+/// second (past the 4 MiB window: most of it spills). Phase 2, after the
+/// client read it all and a pause: 32 MiB in 256 KiB writes 3 ms apart, to a
+/// client reading at full speed. If redirecting never resumed, the kernel
+/// would have moved only phase 1's first few MiB.
+#[test]
+fn the_kernel_path_resumes_after_a_spill() {
+    const PHASE1: u64 = 16 << 20;
+    const PHASE2: u64 = 32 << 20;
+    let rt = runtime();
+    rt.block_on(async {
+        let (backend_addr, mut rx) = handing_backend().await;
+        let mut mux = Mode::Kernel.start("", &[("any", "any", backend_addr)]);
+        let mut client = TcpStream::connect(mux.addr).await.unwrap();
+        client.write_all(b"x").await.unwrap();
+        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut first = [0u8; 1];
+        backend.read_exact(&mut first).await.unwrap();
+
+        let (go, wait_go) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::spawn(async move {
+            let mut s = Stream::new(91);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut phase = |total: u64| {
+                let mut chunks = Vec::new();
+                let mut sent = 0;
+                while sent < total {
+                    let n = (total - sent).min(buf.len() as u64) as usize;
+                    s.fill(&mut buf[..n]);
+                    chunks.push(buf[..n].to_vec());
+                    sent += n as u64;
+                }
+                chunks
+            };
+            let (one, two) = (phase(PHASE1), phase(PHASE2));
+            for chunk in one {
+                backend.write_all(&chunk).await.unwrap();
+            }
+            wait_go.await.unwrap();
+            // Paced well under what the client takes, so that phase 2 never
+            // fills the window: every byte of it can go through the kernel.
+            for chunk in two {
+                backend.write_all(&chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            backend.shutdown().await.unwrap();
+            backend
+        });
+
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut received = 0u64;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while received < PHASE1 {
+                let want = ((PHASE1 - received) as usize).min(buf.len());
+                let n = client.read(&mut buf[..want]).await.unwrap();
+                assert!(n > 0, "closed after {received} bytes of phase 1");
+                hasher.update(&buf[..n]);
+                received += n as u64;
+            }
+        })
+        .await
+        .expect("phase 1 did not arrive");
+        // Let mux's last delivery reach the kernel before the backend sends.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let n = client.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                received += n as u64;
+            }
+        })
+        .await
+        .expect("phase 2 did not arrive");
+        drop(writer.await.unwrap());
+        assert_eq!(
+            (received, hex(&hasher.finalize())),
+            (PHASE1 + PHASE2, stream_sha256(PHASE1 + PHASE2, 91))
+        );
+        drop(client);
+
+        let line = mux.wait_log(" route=any", Duration::from_secs(5)).unwrap();
+        let field = |name: &str| -> u64 {
+            let at = line
+                .find(&format!(" {name}="))
+                .unwrap_or_else(|| panic!("no {name}= in {line}"));
+            line[at + name.len() + 2..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (down, spilled) = (field("down"), field("spilled"));
+        eprintln!("{line}");
+        assert_eq!(down, PHASE1 + PHASE2, "{line}");
+        assert!(spilled >= 4 << 20, "phase 1 should have spilled: {line}");
+        // Nothing of phase 2 spilled: the kernel moved all of it, besides
+        // its share of phase 1.
+        assert!(
+            down - spilled >= PHASE2,
+            "the kernel path did not resume after the spill: {line}"
+        );
+    });
+}
+
 // ---- real peers -----------------------------------------------------------
 
 /// A real sshd session and a real HTTP exchange (curl) through the kernel
