@@ -233,6 +233,45 @@ async fn hashing_backend_seeded(
     (addr, rx)
 }
 
+/// A client connected through mux to a backend that `handing_backend`
+/// hands over, once the backend read the client's first byte (`x`).
+async fn relayed_pair(
+    mux: std::net::SocketAddr,
+    backends: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+) -> (TcpStream, TcpStream) {
+    let mut client = TcpStream::connect(mux).await.unwrap();
+    client.write_all(b"x").await.unwrap();
+    let mut backend = tokio::time::timeout(Duration::from_secs(5), backends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut first = [0u8; 1];
+    backend.read_exact(&mut first).await.unwrap();
+    (client, backend)
+}
+
+/// Reads `stream` to its end into `hasher` within 60 s; how many bytes, or
+/// `Err` if the end did not come in time.
+async fn hash_to_end(
+    stream: &mut TcpStream,
+    hasher: &mut sha2::Sha256,
+) -> Result<u64, tokio::time::error::Elapsed> {
+    use sha2::Digest;
+    let mut buf = vec![0u8; 256 * 1024];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut total = 0;
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return total;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+    })
+    .await
+}
+
 // ---- backpressure --------------------------------------------------------
 
 /// The bound on bytes a slow reader may have outstanding: socket buffers on
@@ -252,14 +291,7 @@ fn backpressure(mode: Mode, download: bool) {
         let (backend_addr, mut rx) = handing_backend().await;
         let mux = mode.start("", &[("any", "any", backend_addr)]);
         let memory_before = tcp_memory();
-        let mut client = TcpStream::connect(mux.addr).await.unwrap();
-        client.write_all(b"x").await.unwrap();
-        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let mut first = [0u8; 1];
-        backend.read_exact(&mut first).await.unwrap();
+        let (client, backend) = relayed_pair(mux.addr, &mut rx).await;
         let (writer_side, mut reader_side) = if download {
             (backend, client)
         } else {
@@ -332,19 +364,9 @@ fn backpressure(mode: Mode, download: bool) {
         );
 
         // Fast phase: everything arrives, nothing lost.
-        let mut buf = vec![0u8; 256 * 1024];
-        tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                let n = reader_side.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                received += n as u64;
-            }
-        })
-        .await
-        .expect("the reader sped up but the rest never came");
+        received += hash_to_end(&mut reader_side, &mut hasher)
+            .await
+            .expect("the reader sped up but the rest never came");
         writer.await.unwrap();
         assert_eq!(
             (received, hex(&hasher.finalize())),
@@ -602,14 +624,7 @@ fn the_kernel_path_resumes_after_a_spill() {
     rt.block_on(async {
         let (backend_addr, mut rx) = handing_backend().await;
         let mut mux = Mode::Kernel.start("", &[("any", "any", backend_addr)]);
-        let mut client = TcpStream::connect(mux.addr).await.unwrap();
-        client.write_all(b"x").await.unwrap();
-        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let mut first = [0u8; 1];
-        backend.read_exact(&mut first).await.unwrap();
+        let (mut client, mut backend) = relayed_pair(mux.addr, &mut rx).await;
 
         let (go, wait_go) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
@@ -660,18 +675,9 @@ fn the_kernel_path_resumes_after_a_spill() {
         // Let mux's last delivery reach the kernel before the backend sends.
         tokio::time::sleep(Duration::from_millis(200)).await;
         go.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                let n = client.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                received += n as u64;
-            }
-        })
-        .await
-        .expect("phase 2 did not arrive");
+        received += hash_to_end(&mut client, &mut hasher)
+            .await
+            .expect("phase 2 did not arrive");
         drop(writer.await.unwrap());
         assert_eq!(
             (received, hex(&hasher.finalize())),
