@@ -629,29 +629,12 @@ fn the_kernel_path_resumes_after_a_spill() {
         let (go, wait_go) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
             let mut s = Stream::new(91);
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut phase = |total: u64| {
-                let mut chunks = Vec::new();
-                let mut sent = 0;
-                while sent < total {
-                    let n = (total - sent).min(buf.len() as u64) as usize;
-                    s.fill(&mut buf[..n]);
-                    chunks.push(buf[..n].to_vec());
-                    sent += n as u64;
-                }
-                chunks
-            };
-            let (one, two) = (phase(PHASE1), phase(PHASE2));
-            for chunk in one {
-                backend.write_all(&chunk).await.unwrap();
-            }
+            send_stream(&mut backend, &mut s, PHASE1, None).await;
             wait_go.await.unwrap();
             // Paced well under what the client takes, so that phase 2 never
             // fills the window: every byte of it can go through the kernel.
-            for chunk in two {
-                backend.write_all(&chunk).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
+            let pace = Some(Duration::from_millis(3));
+            send_stream(&mut backend, &mut s, PHASE2, pace).await;
             backend.shutdown().await.unwrap();
             backend
         });
@@ -708,6 +691,22 @@ fn the_kernel_path_resumes_after_a_spill() {
             "the kernel path did not resume after the spill: {line}"
         );
     });
+}
+
+/// Writes the next `total` bytes of `s` in 256 KiB pieces, with `pause`
+/// after each one if given.
+async fn send_stream(w: &mut TcpStream, s: &mut Stream, total: u64, pause: Option<Duration>) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        let n = (total - sent).min(buf.len() as u64) as usize;
+        s.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).await.unwrap();
+        sent += n as u64;
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
 }
 
 // ---- real peers -----------------------------------------------------------
