@@ -116,6 +116,11 @@ pub const PROG_SK_LOOKUP: &str = "mux_sk_lookup";
 /// Name of the sock_ops program (the Rust function name in mux-ebpf; it must
 /// differ from its ELF section, `sockops`, or the object fails to link).
 pub const PROG_SOCK_OPS: &str = "mux_sock_ops";
+/// Name of the sk_msg program's global holding the byte offset of
+/// `write_seq` in this kernel's `struct tcp_sock` (from its BTF), set by
+/// user space at load time; 0 (unknown) keeps every connection off the
+/// kernel path once it has sent anything the normal way.
+pub const GLOBAL_TCP_WRITE_SEQ: &str = "MUX_TCP_WRITE_SEQ";
 /// Name of the sk_msg program, attached to [`MAP_SOCKS`].
 pub const PROG_SK_MSG: &str = "mux_sk_msg";
 
@@ -198,23 +203,33 @@ pub struct Capture {
     pub client_cookie: u64,
     /// Bytes the sk_msg program moved from the backend to the client.
     pub down_bytes: u64,
-    /// Bytes sk_msg let take the normal path (through mux) since the
-    /// connection started; the kernel path resumes only once mux has
-    /// delivered all of them ([`Client::delivered`]), so that no redirected
-    /// byte overtakes them.
-    pub passed_bytes: u64,
+    /// The backend socket's sequence number when sock_ops captured it
+    /// (nothing sent yet). Its `write_seq` minus this is how many bytes took
+    /// the normal path (through mux) since: the kernel path resumes only
+    /// once mux has delivered all of them ([`Client::delivered`]), so that
+    /// no redirected byte overtakes them. Counting them in sk_msg is not
+    /// exact: a normal send that fails half-way leaves its verdict cached,
+    /// and the backend's next send takes it without running the program.
+    pub write_seq_base: u32,
     /// Set to 1 by the sock_ops program once the backend's socket is in
     /// [`MAP_SOCKS`]; 0 means the kernel never took this connection over.
     pub captured: u32,
     /// 1 while the backend's sends take the normal path (see
     /// [`REDIRECT_WINDOW`]).
     pub spilling: u32,
+    /// Explicit padding; must be 0.
+    pub _pad: u32,
 }
 
 /// A client socket on the kernel path: the value of [`MAP_CLIENTS`], by
 /// socket cookie.
 ///
-/// 16 bytes, alignment 8, no padding.
+/// User space replaces the whole entry at each update, and the kernel may
+/// hand the old entry's memory to another entry of the map at once, while a
+/// program still reads it; `cookie` is how the programs tell that they read
+/// their own connection's entry.
+///
+/// 32 bytes, alignment 8, no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Client {
@@ -224,6 +239,17 @@ pub struct Client {
     /// Bytes mux itself wrote to the client (what the backend sent the
     /// normal way), written by user space.
     pub delivered: u64,
+    /// The client socket's cookie: this entry's own key.
+    pub cookie: u64,
+    /// 0 until user space first reports `delivered`, which it does once the
+    /// backend sends in bulk. Until then every send takes the normal path
+    /// through mux: requests and answers of a few hundred bytes had a worse
+    /// round-trip tail through the kernel than through mux when many
+    /// connections share few CPUs (see the README), and gain nothing from
+    /// skipping a copy.
+    pub open: u32,
+    /// Explicit padding; must be 0.
+    pub _pad: u32,
 }
 
 /// Key of [`MAP_LISTEN`]: a listening port in a network namespace.
@@ -243,7 +269,7 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 56);
 const _: () = assert!(core::mem::align_of::<Flow>() == 8);
 const _: () = assert!(core::mem::size_of::<Pending>() == 88);
 const _: () = assert!(core::mem::size_of::<Capture>() == 48);
-const _: () = assert!(core::mem::size_of::<Client>() == 16);
+const _: () = assert!(core::mem::size_of::<Client>() == 32);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 16);
 const _: () = assert!(core::mem::align_of::<Capture>() == 8);
 

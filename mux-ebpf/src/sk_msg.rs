@@ -13,21 +13,29 @@
 //! that its sends take the normal path to mux, which stalls and wakes it
 //! like any TCP peer ("spilling"). Redirecting resumes once mux has
 //! delivered every spilled byte (so none is overtaken) and the client has
-//! caught up.
+//! caught up. Before the backend sends in bulk, every send takes the normal
+//! path (see `mux_common::Client::open`).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{sk_action::SK_PASS, sk_msg_md},
-    helpers::{bpf_get_netns_cookie, bpf_msg_redirect_hash},
+    helpers::{
+        bpf_get_netns_cookie, bpf_msg_redirect_hash, bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
+    },
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mux_common::{REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED};
+use mux_common::{Client, REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED};
 
 use crate::{
     flow::{Side, SockFields, flow, read_words},
     maps::{MUX_CLIENT_SOCK, MUX_CLIENTS, MUX_FLOWS, bump},
 };
+
+/// The byte offset of `write_seq` in this kernel's `struct tcp_sock`, set by
+/// user space before loading (`mux_common::GLOBAL_TCP_WRITE_SEQ`).
+#[unsafe(no_mangle)]
+static MUX_TCP_WRITE_SEQ: u32 = 0;
 
 #[sk_msg]
 pub fn mux_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -67,23 +75,41 @@ fn redirect(ctx: &SkMsgContext) {
         let size = u64::from(ctx.size());
         // A client entry gone means the connection is ending: nothing more
         // to redirect.
-        let Some(client) = MUX_CLIENTS.get(&(*capture).client_cookie) else {
-            spill(capture, size);
+        let Some(client) = MUX_CLIENTS.get_ptr(&(*capture).client_cookie) else {
+            spill();
             return;
         };
+        let client = read_client(client);
+        if client.cookie != (*capture).client_cookie {
+            // The entry was replaced while we read it, and its memory went
+            // to another connection's: its figures are not ours.
+            spill();
+            return;
+        }
+        if client.open == 0 {
+            // Not sending in bulk yet (see `Client::open`): mux relays. Once
+            // opened, the resume rule below makes the kernel wait until mux
+            // delivered all of these.
+            (*capture).spilling = 1;
+            spill();
+            return;
+        }
         let written = (*capture).down_bytes + client.delivered;
         let outstanding = written.saturating_sub(client.acked);
         let room = outstanding + size <= REDIRECT_WINDOW;
         if (*capture).spilling != 0 {
-            // Resume only once mux delivered every byte that went its way.
-            if client.delivered < (*capture).passed_bytes || !room {
-                spill(capture, size);
+            // Resume only once mux delivered every byte that went its way
+            // (compared modulo 2^32, like sequence numbers: the two never
+            // differ by more than what the sockets can hold).
+            let normal = normal_path_bytes(md, (*capture).write_seq_base);
+            if normal != Some(client.delivered as u32) || !room {
+                spill();
                 return;
             }
             (*capture).spilling = 0;
         } else if !room {
             (*capture).spilling = 1;
-            spill(capture, size);
+            spill();
             return;
         }
         let mut client_key: u64 = (*capture).client_key;
@@ -103,13 +129,59 @@ fn redirect(ctx: &SkMsgContext) {
     }
 }
 
-/// Lets the send take the normal path and counts it.
+/// A copy of a `MUX_CLIENTS` entry, its cookie read last: if the cookie is
+/// still the connection's, so were the figures read before it.
 ///
 /// # Safety
-/// `capture` must be a valid map value pointer for this run.
+/// `client` must be a valid map value pointer for this run.
 #[inline(always)]
-unsafe fn spill(capture: *mut mux_common::Capture, size: u64) {
-    // SAFETY: as the caller guarantees.
-    unsafe { (*capture).passed_bytes += size };
+unsafe fn read_client(client: *const Client) -> Client {
+    // SAFETY: as the caller guarantees; volatile keeps the order of the
+    // loads.
+    unsafe {
+        let acked = core::ptr::read_volatile(&raw const (*client).acked);
+        let delivered = core::ptr::read_volatile(&raw const (*client).delivered);
+        let open = core::ptr::read_volatile(&raw const (*client).open);
+        let cookie = core::ptr::read_volatile(&raw const (*client).cookie);
+        Client {
+            acked,
+            delivered,
+            cookie,
+            open,
+            _pad: 0,
+        }
+    }
+}
+
+/// How many bytes the backend socket has sent the normal way since sock_ops
+/// captured it, modulo 2^32: its `write_seq` (every byte it queued itself)
+/// less the value then. `None` if that cannot be read.
+///
+/// # Safety
+/// `md` must be this run's context.
+#[inline(always)]
+unsafe fn normal_path_bytes(md: *mut sk_msg_md, base: u32) -> Option<u32> {
+    // SAFETY: a global the loader may only have set; read as it is now.
+    let offset = unsafe { core::ptr::read_volatile(&raw const MUX_TCP_WRITE_SEQ) };
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: `md` is the context; its `sk` is the sending (backend) socket,
+    // which the helper turns into a `tcp_sock` pointer or null.
+    let tp = unsafe { bpf_skc_to_tcp_sock((*md).__bindgen_anon_3.sk.cast()) };
+    if tp.is_null() {
+        return None;
+    }
+    // SAFETY: the offset comes from this kernel's BTF for `struct tcp_sock`,
+    // and the helper reads kernel memory safely whatever the address.
+    let seq = unsafe {
+        bpf_probe_read_kernel(tp.cast::<u8>().wrapping_add(offset as usize).cast::<u32>())
+    };
+    seq.ok().map(|seq| seq.wrapping_sub(base))
+}
+
+/// Lets the send take the normal path and counts it.
+#[inline(always)]
+fn spill() {
     bump(STAT_SPILLED);
 }

@@ -67,9 +67,10 @@ fn on_connect(ctx: &SockOpsContext) {
             client_key: (*pending).client_key,
             client_cookie: (*pending).client_cookie,
             down_bytes: 0,
-            passed_bytes: 0,
+            write_seq_base: 0,
             captured: 0,
             spilling: 0,
+            _pad: 0,
         }
     };
     if MUX_FLOWS
@@ -110,7 +111,12 @@ fn on_passive_established(ctx: &SockOpsContext) {
     };
     // SAFETY: a successful lookup's pointer stays valid for this run; user
     // space only deletes the entry after the connection ended.
-    let key: u64 = unsafe { (*capture).backend_key };
+    // SAFETY: as above; and `snd_nxt` is readable in this callback. Before
+    // the backend has sent anything it equals `write_seq`.
+    let key: u64 = unsafe {
+        (*capture).write_seq_base = (*ctx.ops).snd_nxt;
+        (*capture).backend_key
+    };
     match MUX_SOCKS.update(key, ctx.ops, u64::from(BPF_ANY)) {
         Ok(()) => {
             // SAFETY: as above; read by user space when the connection ends.
@@ -131,7 +137,13 @@ fn on_rtt(ctx: &SockOpsContext) {
     // SAFETY: the context field is readable for this callback, and the map
     // value pointer is valid for this run. A plain store: only this callback
     // writes `acked`, under the client socket's lock.
-    unsafe { (*client).acked = (*ctx.ops).bytes_acked };
+    // The cookie check: the entry's memory may have just gone to another
+    // connection (see `Client`).
+    unsafe {
+        if (*client).cookie == cookie {
+            (*client).acked = (*ctx.ops).bytes_acked;
+        }
+    }
 }
 
 /// The socket's addresses and namespace.

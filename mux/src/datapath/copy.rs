@@ -12,6 +12,8 @@ pub(super) struct Buffer {
     bytes: Box<[u8]>,
     /// Where the unsent bytes start; they end at `start + pending`.
     start: usize,
+    /// A read once filled the whole buffer.
+    bulk: bool,
 }
 
 impl Buffer {
@@ -19,6 +21,7 @@ impl Buffer {
         Buffer {
             bytes: vec![0; BUFFER_SIZE].into_boxed_slice(),
             start: 0,
+            bulk: false,
         }
     }
 }
@@ -26,12 +29,18 @@ impl Buffer {
 impl Stage for Buffer {
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         self.start = 0;
-        Ok(rustix::io::read(src, &mut self.bytes[..])?)
+        let n = rustix::io::read(src, &mut self.bytes[..])?;
+        self.bulk |= n == self.bytes.len();
+        Ok(n)
     }
 
     fn drain(&mut self, dst: &TcpStream, pending: usize) -> io::Result<usize> {
         let n = rustix::io::write(dst, &self.bytes[self.start..self.start + pending])?;
         self.start += n;
         Ok(n)
+    }
+
+    fn bulk(&self) -> bool {
+        self.bulk
     }
 }

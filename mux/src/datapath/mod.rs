@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-pub use self::ebpf::{Kernel, Lease};
+pub use self::ebpf::{Kernel, Lease, Tracking, Watch};
 use crate::config::DataPathKind;
 use crate::ebpf::EbpfError;
 use crate::route::Backend;
@@ -63,7 +63,7 @@ pub enum DataPath {
 /// A connected backend, and the kernel's part in it if it has one.
 pub struct Connected {
     pub stream: TcpStream,
-    lease: Option<Lease>,
+    tracking: Option<Tracking>,
 }
 
 impl DataPath {
@@ -79,17 +79,20 @@ impl DataPath {
     /// The path for a configured kind, and why, for the start-up log.
     pub fn select(kind: DataPathKind) -> Result<(DataPath, String), DataPathError> {
         match kind {
-            // Not the kernel path, even where it loads: with the bound that
-            // keeps it safe for every backend it measured slower than
-            // splice(2) on bulk downloads (see the README), and auto must
-            // never pick a slower path.
-            DataPathKind::Auto => Ok((
-                DataPath::Splice,
-                "auto: splice(2) through a pipe (the kernel path is opt-in: datapath = \"ebpf\")"
-                    .into(),
-            )),
+            // The kernel path wherever it loads, with the back-off that
+            // keeps short connections as fast as on splice(2).
+            DataPathKind::Auto => Ok(match Kernel::load(true) {
+                Ok(kernel) => (
+                    DataPath::Kernel(Arc::new(kernel)),
+                    "auto: kernel path for backends on this host that send in bulk, splice(2) for the rest".into(),
+                ),
+                Err(e) => (
+                    DataPath::Splice,
+                    format!("auto: splice(2) through a pipe; the kernel path cannot start: {e:#}"),
+                ),
+            }),
             DataPathKind::Ebpf => {
-                let kernel = Kernel::load().map_err(DataPathError::Ebpf)?;
+                let kernel = Kernel::load(false).map_err(DataPathError::Ebpf)?;
                 Ok((
                     DataPath::Kernel(Arc::new(kernel)),
                     "ebpf: kernel path, as configured".into(),
@@ -121,7 +124,7 @@ impl DataPath {
                     }
                 };
                 match dialed {
-                    Ok((stream, lease)) => return Ok(Connected { stream, lease }),
+                    Ok((stream, tracking)) => return Ok(Connected { stream, tracking }),
                     Err(e) => last_error = Some(e),
                 }
             }
@@ -180,13 +183,14 @@ impl DataPath {
                 // On the kernel path the backend-to-client pump carries what
                 // the kernel let through the normal way (a backend the
                 // kernel did not take, or sends past the client's bound),
-                // and the backend's FIN; each delivery is reported back so
-                // that the kernel can resume redirecting.
-                let lease = backend.lease.as_ref();
-                let report = |total: u64| {
-                    if let Some(lease) = lease {
-                        lease.delivered(total);
-                    }
+                // and the backend's FIN. Once the backend sends in bulk,
+                // each delivery is reported back: the first report lets
+                // the kernel take over, later ones let it resume after a
+                // spill.
+                let report = |total: u64| match &backend.tracking {
+                    Some(Tracking::Lease(lease)) => lease.delivered(total),
+                    Some(Tracking::Watch(watch)) => watch.sends_in_bulk(),
+                    None => {}
                 };
                 r.error = splice_pair(client, &backend.stream, &mut r, report)
                     .await
@@ -194,11 +198,17 @@ impl DataPath {
                 "splice"
             }
         };
-        match backend.lease.map(Lease::finish) {
+        let lease = match backend.tracking {
+            Some(Tracking::Lease(lease)) => Some(lease),
+            _ => None,
+        };
+        match lease.map(Lease::finish) {
             Some(w) if w.captured => {
                 log::debug!("kernel path: {w:?}");
+                // Everything mux itself moved down went its way rather than
+                // the kernel's: before bulk, or past the client's bound.
+                r.spilled = Some(r.down);
                 r.down += w.down_bytes;
-                r.spilled = Some(w.spilled_bytes);
                 (r, "ebpf")
             }
             _ => (r, name),
@@ -250,12 +260,14 @@ trait Stage {
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
     /// Gives up to `pending` held bytes to `dst`; returns how many it took.
     fn drain(&mut self, dst: &TcpStream, pending: usize) -> io::Result<usize>;
+    /// Whether bytes have come in bulk on this direction (they stay so).
+    fn bulk(&self) -> bool;
 }
 
 /// Moves bytes one way until EOF, then shuts down `dst`'s write half.
 /// Never holds more than one stage's worth: a slow reader stalls the writer.
-/// `moved` counts the bytes given to `dst`; `on_drained` hears that total
-/// each time the stage is empty again.
+/// `moved` counts the bytes given to `dst`; once bytes have come in bulk,
+/// `on_drained` hears that total each time the stage is empty again.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -274,7 +286,9 @@ async fn pump(
             pending -= w;
             *moved += w as u64;
         }
-        on_drained(*moved);
+        if stage.bulk() {
+            on_drained(*moved);
+        }
     }
 }
 

@@ -93,6 +93,10 @@ impl Stage for Adaptive {
         }
     }
 
+    fn bulk(&self) -> bool {
+        matches!(self, Adaptive::Bulk(_) | Adaptive::Small { bulk: true, .. })
+    }
+
     fn drain(&mut self, dst: &TcpStream, pending: usize) -> io::Result<usize> {
         match self {
             Adaptive::Bulk(pipe) => pipe.drain(dst, pending),

@@ -13,11 +13,15 @@ use aya::{
     util::KernelVersion,
 };
 use mux_common::{
-    Capture, Client, Flow, ListenKey, MAP_CLIENT_SOCK, MAP_CLIENTS, MAP_FLOWS, MAP_LISTEN,
-    MAP_PENDING, MAP_SOCKS, MAP_SOCKS_VALUE_SIZE, MAP_STATS, PROG_SK_MSG, PROG_SOCK_OPS, Pending,
+    Capture, Client, Flow, GLOBAL_TCP_WRITE_SEQ, ListenKey, MAP_CLIENT_SOCK, MAP_CLIENTS,
+    MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS, MAP_SOCKS_VALUE_SIZE, MAP_STATS, PROG_SK_MSG,
+    PROG_SOCK_OPS, Pending,
 };
 
-use super::{EbpfError, cgroup::cgroup2_mount, sys};
+use super::{EbpfError, btf, cgroup::cgroup2_mount, sys};
+
+/// Where the kernel describes its own types.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The object built by mux/build.rs from mux-ebpf, aligned as aya requires.
 /// Empty when the build ran with `AYA_BUILD_SKIP=1`.
@@ -82,7 +86,10 @@ impl KernelPrograms {
         let cgroup = cgroup2_mount()?;
         // No RLIMIT_MEMLOCK bump: since 5.11 BPF memory is charged to the
         // memory cgroup instead, and mux needs far newer kernels anyway.
-        let mut ebpf = EbpfLoader::new().load(object)?;
+        let write_seq = tcp_write_seq_offset()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_TCP_WRITE_SEQ, &write_seq, true)
+            .load(object)?;
 
         let cgroup_dir = File::open(&cgroup).map_err(|source| EbpfError::Io {
             what: "opening cgroup",
@@ -252,6 +259,21 @@ impl std::fmt::Debug for KernelPrograms {
             .field("cgroup", &self.cgroup)
             .finish_non_exhaustive()
     }
+}
+
+/// The offset of `write_seq` in this kernel's `struct tcp_sock`: how far the
+/// backend socket has queued bytes itself, which the sk_msg program needs to
+/// know before it takes a connection back (see `mux_common::Capture`).
+fn tcp_write_seq_offset() -> Result<u32, EbpfError> {
+    let data = std::fs::read(VMLINUX_BTF).map_err(|source| EbpfError::Io {
+        what: "reading",
+        path: VMLINUX_BTF.into(),
+        source,
+    })?;
+    btf::field_offset(&data, "tcp_sock", "write_seq").map_err(|source| EbpfError::Btf {
+        path: VMLINUX_BTF,
+        source,
+    })
 }
 
 #[cfg(test)]

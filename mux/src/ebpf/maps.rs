@@ -46,9 +46,6 @@ pub struct Withdrawn {
     pub captured: bool,
     /// Bytes the kernel moved from the backend to the client.
     pub down_bytes: u64,
-    /// Bytes of the backend's that went the normal way, through mux, to
-    /// keep the client's queue bounded.
-    pub spilled_bytes: u64,
     /// Bytes the client had acknowledged as far as the kernel last saw.
     pub client_acked: u64,
 }
@@ -71,7 +68,10 @@ impl KernelPrograms {
         sys::put(
             self.clients.fd().as_fd(),
             &pending.client_cookie,
-            &Client::default(),
+            &Client {
+                cookie: pending.client_cookie,
+                ..Client::default()
+            },
             BPF_NOEXIST,
         )
         .map_err(map_error(MAP_CLIENTS))?;
@@ -83,7 +83,8 @@ impl KernelPrograms {
 
     /// Tells the kernel that mux itself has now written `total` bytes to the
     /// client socket `client_cookie` (what the backend sent the normal way).
-    /// Read-modify-write: a concurrent ACK update may be lost, which only
+    /// The first call also opens the kernel path for the connection (see
+    /// `mux_common::Client::open`). Read-modify-write: a concurrent ACK update may be lost, which only
     /// makes the kernel's estimate of the client's queue larger (safe).
     pub fn delivered(&self, client_cookie: u64, total: u64) -> Result<(), EbpfError> {
         let clients = self.clients.fd().as_fd();
@@ -91,6 +92,8 @@ impl KernelPrograms {
             .map_err(map_error(MAP_CLIENTS))?
             .unwrap_or_default();
         client.delivered = total;
+        client.cookie = client_cookie;
+        client.open = 1;
         sys::put(clients, &client_cookie, &client, BPF_ANY).map_err(map_error(MAP_CLIENTS))
     }
 
@@ -133,7 +136,6 @@ impl KernelPrograms {
                         if let Some(capture) = capture {
                             outcome.captured = capture.captured != 0;
                             outcome.down_bytes = capture.down_bytes;
-                            outcome.spilled_bytes = capture.passed_bytes;
                         }
                     })
                     .map_err(map_error(MAP_FLOWS)),

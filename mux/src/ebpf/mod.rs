@@ -13,6 +13,7 @@
 //! counted and removes every trace. Everything else on the machine is left
 //! alone: only published sockets match.
 
+mod btf;
 mod cgroup;
 mod loader;
 mod lookup;
@@ -77,6 +78,14 @@ pub enum EbpfError {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    /// The kernel's BTF does not say where `struct tcp_sock` keeps a field
+    /// the sk_msg program reads.
+    #[error("reading {path}")]
+    Btf {
+        path: &'static str,
+        #[source]
+        source: btf::BtfError,
     },
     /// A socket query (address, namespace cookie) failed.
     #[error("socket {what}")]

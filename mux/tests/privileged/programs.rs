@@ -197,8 +197,16 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     );
     assert_eq!(programs.flow(&flow).unwrap().map(|c| c.captured), Some(1));
 
-    // The backend's sends reach the client directly; mux's outgoing socket
-    // sees none of them.
+    // Until mux reports a delivery, which it does once the backend sends in
+    // bulk, the backend's sends take the normal path to mux's outgoing
+    // socket, and mux relays them.
+    accepted.write_all(b"held").unwrap();
+    assert_eq!(read_n(&mut outgoing, 4), b"held");
+    (&mux_client).write_all(b"held").unwrap();
+    assert_eq!(read_n(&mut client, 4), b"held");
+    programs.delivered(client_cookie, 4).unwrap();
+    // From then on the backend's sends reach the client directly; mux's
+    // outgoing socket sees none of them.
     accepted.write_all(b"hello from the backend").unwrap();
     assert_eq!(read_n(&mut client, 22), b"hello from the backend");
     assert!(
@@ -210,7 +218,7 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
         eventually(|| programs
             .client(client_cookie)
             .unwrap()
-            .is_some_and(|c| c.acked == 22)),
+            .is_some_and(|c| c.acked == 26)),
         "client entry: {:?}",
         programs.client(client_cookie)
     );
@@ -223,6 +231,7 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
         (1, 0, 0)
     );
     assert!(stats.redirected >= 1, "{stats:?}");
+    assert_eq!(stats.spilled, 1, "the held send: {stats:?}");
 
     // A connection from an unpublished socket is left alone.
     let mut stranger = TcpStream::connect_timeout(&backend, DEADLINE).unwrap();
@@ -242,8 +251,7 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
             connected: true,
             captured: true,
             down_bytes: 22,
-            spilled_bytes: 0,
-            client_acked: 22
+            client_acked: 26
         })
     );
     assert_eq!(programs.withdraw(cookie).unwrap(), None);

@@ -269,6 +269,9 @@ fn wait_listening(proc: &mut Proc, port: u16) -> Result<SocketAddr> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datapath {
+    /// What mux runs on by default: the kernel path where it loads (here, as
+    /// root), dropping back to splice for backends that never send in bulk.
+    Auto,
     Ebpf,
     Splice,
     Copy,
@@ -290,6 +293,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Direct => "direct",
+            System::Mux(Datapath::Auto) => "mux-auto",
             System::Mux(Datapath::Ebpf) => "mux-ebpf",
             System::Mux(Datapath::Splice) => "mux-splice",
             System::Mux(Datapath::Copy) => "mux-copy",
@@ -458,6 +462,7 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 
 fn mux_config(dp: Datapath, routes: Routes) -> String {
     let datapath = match dp {
+        Datapath::Auto => "auto",
         Datapath::Ebpf => "ebpf",
         Datapath::Splice => "splice",
         Datapath::Copy => "copy",

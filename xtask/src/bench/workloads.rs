@@ -20,6 +20,7 @@ use super::report::{Metric, Row, Section, Value};
 /// The systems of the TCP workloads, in table order.
 const TCP_SYSTEMS: &[System] = &[
     System::Direct,
+    System::Mux(Datapath::Auto),
     System::Mux(Datapath::Ebpf),
     System::Mux(Datapath::Splice),
     System::Mux(Datapath::Copy),
@@ -170,7 +171,7 @@ impl Workload {
                  Proxy CPU is user+system time of the proxy's processes per GB moved. Softirq is the whole \
                  machine's softirq time per GB (where the kernel moves loopback packets). All CPU is the whole \
                  machine's busy time per GB: client, backend, proxy and kernel together. It is the fair total \
-                 for mux-ebpf, whose sk_msg program runs inside the backend's own sends, so that its work is \
+                 for mux-ebpf and mux-auto, whose sk_msg program runs inside the backend's own sends, so that its work is \
                  charged to the backend process rather than to mux.",
                 p.bulk_length
             ),
