@@ -12,9 +12,10 @@
 //! may only have `REDIRECT_WINDOW` outstanding in the client socket; past
 //! that its sends take the normal path to mux, which stalls and wakes it
 //! like any TCP peer ("spilling"). Redirecting resumes once mux has
-//! delivered every spilled byte (so none is overtaken) and the client has
-//! caught up. Before the backend sends in bulk, every send takes the normal
-//! path (see `mux_common::Client::open`).
+//! delivered every spilled byte (so none is overtaken: the backend socket's
+//! own `write_seq` says how many there were) and the client has caught up.
+//! Before the backend sends in bulk, every send takes the normal path (see
+//! `mux_common::Client::open`).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -161,7 +162,8 @@ unsafe fn read_client(client: *const Client) -> Client {
 /// `md` must be this run's context.
 #[inline(always)]
 unsafe fn normal_path_bytes(md: *mut sk_msg_md, base: u32) -> Option<u32> {
-    // SAFETY: a global the loader may only have set; read as it is now.
+    // SAFETY: a plain read of a global, set by the loader before loading;
+    // volatile so that the compiler does not fold in the 0 it starts as.
     let offset = unsafe { core::ptr::read_volatile(&raw const MUX_TCP_WRITE_SEQ) };
     if offset == 0 {
         return None;

@@ -1,6 +1,7 @@
-//! The kernel data path: for a backend on this host, the backend's sends go
-//! straight to the client socket (sock_ops + sk_msg, see `crate::ebpf`), so
-//! the download direction skips one TCP hop and user space entirely; the
+//! The kernel data path: for a backend on this host, once it sends in bulk,
+//! the backend's sends go straight to the client socket (sock_ops + sk_msg,
+//! see `crate::ebpf`), so the download direction skips one TCP hop and user
+//! space entirely; the
 //! upload direction stays on splice(2), the fastest bounded path measured
 //! for it (see the README).
 
@@ -84,7 +85,8 @@ pub enum Tracking {
 }
 
 impl Kernel {
-    /// Loads and attaches the programs (root, or CAP_BPF + CAP_NET_ADMIN).
+    /// Loads and attaches the programs (root, or CAP_BPF + CAP_NET_ADMIN +
+    /// CAP_PERFMON).
     /// `learn`: stop publishing the connections of a backend that does
     /// not send in bulk (`auto`), rather than always (`ebpf`).
     pub fn load(learn: bool) -> Result<Kernel, EbpfError> {

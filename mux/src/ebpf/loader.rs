@@ -72,7 +72,8 @@ pub struct KernelPrograms {
 impl KernelPrograms {
     /// Loads the embedded object, verifies and attaches its programs to the
     /// cgroup v2 root found in `/proc/mounts`. Needs root (CAP_BPF plus
-    /// CAP_NET_ADMIN for sock_ops and sockhash).
+    /// CAP_NET_ADMIN for sock_ops and sockhash, and CAP_PERFMON for sk_msg's
+    /// read of the backend's `tcp_sock`).
     pub fn load() -> Result<Self, EbpfError> {
         Self::load_object(OBJECT)
     }

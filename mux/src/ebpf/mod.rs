@@ -7,8 +7,9 @@
 //! then connects. The sock_ops program records the connection's 4-tuple when
 //! the SYN leaves, and when the backend's side completes the handshake it
 //! puts the backend's socket into `MUX_SOCKS`, something user space cannot
-//! do (that socket belongs to another process). From the backend's first
-//! send on, the sk_msg program hands its bytes to the client socket. When
+//! do (that socket belongs to another process). Once mux reports that the
+//! backend sends in bulk ([`KernelPrograms::delivered`]), the sk_msg program
+//! hands the backend's sends to the client socket. When
 //! the connection ends, [`KernelPrograms::withdraw`] reads what the kernel
 //! counted and removes every trace. Everything else on the machine is left
 //! alone: only published sockets match.

@@ -946,6 +946,64 @@ fn stream_of_zeros_sha256(n: usize) -> String {
     sha256(&vec![0u8; n])
 }
 
+/// The packaged systemd unit bounds mux's capabilities: within that set
+/// the kernel path must load and carry a download, or the unit would
+/// quietly run on splice (`auto`) or fail to start (`ebpf`).
+#[test]
+fn the_units_capabilities_are_enough_for_the_kernel_path() {
+    assert!(can_run(
+        "root and setpriv",
+        is_root() && have_tool("setpriv")
+    ));
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/mux.service"
+    ))
+    .unwrap();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let bounding = format!("-all,{}", caps.join(","));
+    let rt = runtime();
+    rt.block_on(async {
+        const SIZE: u64 = 8 << 20;
+        let backend = backend(|mut s| async move {
+            let mut line = [0u8; 15];
+            if s.read_exact(&mut line).await.is_ok() {
+                write_stream(&mut s, SIZE, 3, false).await;
+            }
+            let _ = s.shutdown().await;
+        })
+        .await;
+        let mut mux = Mux::with_config_under(
+            &["setpriv", "--bounding-set", &bounding],
+            &config("datapath = \"ebpf\"", &[("ssh", "ssh", backend)]),
+        )
+        .unwrap();
+        mux.wait_log_async("datapath ebpf: kernel path", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut s = TcpStream::connect(mux.addr).await.unwrap();
+        s.write_all(b"SSH-2.0-units\r\n").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), read_hash(&mut s))
+            .await
+            .unwrap();
+        assert_eq!(got, (SIZE, stream_sha256(SIZE, 3)));
+        drop(s);
+        let line = mux
+            .wait_log_async(" route=ssh", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(line.contains("datapath=ebpf"), "{line}");
+        let (down, spilled) = (field(&line, "down"), field(&line, "spilled"));
+        assert!(down - spilled >= SIZE / 2, "the kernel moved too little: {line}");
+    });
+}
+
 /// Forcing the kernel path where the programs cannot load is a clear
 /// start-up error, not a silent fallback.
 #[test]
