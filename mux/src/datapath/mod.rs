@@ -186,11 +186,12 @@ impl DataPath {
                 // and the backend's FIN. Once the backend sends in bulk,
                 // each delivery is reported back: the first report lets
                 // the kernel take over, later ones let it resume after a
-                // spill.
-                let report = |total: u64| match &backend.tracking {
-                    Some(Tracking::Lease(lease)) => lease.delivered(total),
-                    Some(Tracking::Watch(watch)) => watch.sends_in_bulk(),
-                    None => {}
+                // spill. A connection that keeps exchanging small messages
+                // leaves the kernel path instead (see `Lease::drained`).
+                let report = |total: u64, bulk: bool| match &backend.tracking {
+                    Some(Tracking::Lease(lease)) => lease.drained(total, bulk),
+                    Some(Tracking::Watch(watch)) if bulk => watch.sends_in_bulk(),
+                    _ => {}
                 };
                 r.error = splice_pair(client, &backend.stream, &mut r, report)
                     .await
@@ -216,15 +217,22 @@ impl DataPath {
     }
 }
 
-/// Splices both ways; `delivered` hears the running total given to the client.
+/// Splices both ways; `delivered` hears the running total given to the
+/// client, and whether it came in bulk.
 async fn splice_pair(
     client: &TcpStream,
     backend: &TcpStream,
     r: &mut Relayed,
-    delivered: impl FnMut(u64),
+    delivered: impl FnMut(u64, bool),
 ) -> io::Result<((), ())> {
     tokio::try_join!(
-        pump(client, backend, splice::Adaptive::new(), &mut r.up, |_| {}),
+        pump(
+            client,
+            backend,
+            splice::Adaptive::new(),
+            &mut r.up,
+            |_, _| {}
+        ),
         pump(
             backend,
             client,
@@ -241,8 +249,8 @@ async fn copy_pair(
     r: &mut Relayed,
 ) -> io::Result<((), ())> {
     tokio::try_join!(
-        pump(client, backend, copy::Buffer::new(), &mut r.up, |_| {}),
-        pump(backend, client, copy::Buffer::new(), &mut r.down, |_| {})
+        pump(client, backend, copy::Buffer::new(), &mut r.up, |_, _| {}),
+        pump(backend, client, copy::Buffer::new(), &mut r.down, |_, _| {})
     )
 }
 
@@ -266,14 +274,14 @@ trait Stage {
 
 /// Moves bytes one way until EOF, then shuts down `dst`'s write half.
 /// Never holds more than one stage's worth: a slow reader stalls the writer.
-/// `moved` counts the bytes given to `dst`; once bytes have come in bulk,
-/// `on_drained` hears that total each time the stage is empty again.
+/// `moved` counts the bytes given to `dst`; `on_drained` hears that total
+/// each time the stage is empty again, and whether bytes have come in bulk.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     mut stage: impl Stage,
     moved: &mut u64,
-    mut on_drained: impl FnMut(u64),
+    mut on_drained: impl FnMut(u64, bool),
 ) -> io::Result<()> {
     loop {
         let n = ready(src, Interest::READABLE, || stage.fill(src)).await?;
@@ -286,9 +294,7 @@ async fn pump(
             pending -= w;
             *moved += w as u64;
         }
-        if stage.bulk() {
-            on_drained(*moved);
-        }
+        on_drained(*moved, stage.bulk());
     }
 }
 
