@@ -110,9 +110,9 @@ fn on_passive_established(ctx: &SockOpsContext) {
         return;
     };
     // SAFETY: a successful lookup's pointer stays valid for this run; user
-    // space only deletes the entry after the connection ended.
-    // SAFETY: as above; and `snd_nxt` is readable in this callback. Before
-    // the backend has sent anything it equals `write_seq`.
+    // space only deletes the entry after the connection ended. `snd_nxt` is
+    // readable in this callback; before the backend has sent anything it
+    // equals `write_seq`.
     let key: u64 = unsafe {
         (*capture).write_seq_base = (*ctx.ops).snd_nxt;
         (*capture).backend_key
@@ -136,9 +136,8 @@ fn on_rtt(ctx: &SockOpsContext) {
     };
     // SAFETY: the context field is readable for this callback, and the map
     // value pointer is valid for this run. A plain store: only this callback
-    // writes `acked`, under the client socket's lock.
-    // The cookie check: the entry's memory may have just gone to another
-    // connection (see `Client`).
+    // writes `acked`, under the client socket's lock. The cookie check: the
+    // entry's memory may have just gone to another connection (see `Client`).
     unsafe {
         if (*client).cookie == cookie {
             (*client).acked = (*ctx.ops).bytes_acked;

@@ -1,15 +1,14 @@
 //! The kernel data path: for a backend on this host, once it sends in bulk,
 //! the backend's sends go straight to the client socket (sock_ops + sk_msg,
 //! see `crate::ebpf`), so the download direction skips one TCP hop and user
-//! space entirely; the
-//! upload direction stays on splice(2), the fastest bounded path measured
-//! for it (see the README).
+//! space entirely; the upload direction stays on splice(2), the fastest
+//! bounded path measured for it (see the README).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -107,22 +106,23 @@ impl Kernel {
         })
     }
 
+    /// What `auto` learned of each backend; `None` for forced `ebpf`.
+    fn habits(&self) -> Option<MutexGuard<'_, HashMap<SocketAddr, Habit>>> {
+        let backends = self.backends.as_ref()?;
+        Some(backends.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn skipping(&self, backend: SocketAddr) -> bool {
-        self.backends.as_ref().is_some_and(|b| {
-            b.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&backend)
-                .is_some_and(|h| h.skipping)
-        })
+        self.habits()
+            .is_some_and(|b| b.get(&backend).is_some_and(|h| h.skipping))
     }
 
     /// A published connection to `backend` ended; `opened` says whether
     /// the backend sent in bulk.
     fn ended(&self, backend: SocketAddr, opened: bool) {
-        let Some(backends) = &self.backends else {
+        let Some(mut backends) = self.habits() else {
             return;
         };
-        let mut backends = backends.lock().unwrap_or_else(|e| e.into_inner());
         if opened {
             if let Some(habit) = backends.get_mut(&backend) {
                 habit.idle_run = 0;
@@ -144,10 +144,9 @@ impl Kernel {
 
     /// An unpublished connection saw `backend` send in bulk.
     fn sends_in_bulk(&self, backend: SocketAddr) {
-        let Some(backends) = &self.backends else {
+        let Some(mut backends) = self.habits() else {
             return;
         };
-        let mut backends = backends.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(habit) = backends.get_mut(&backend)
             && habit.skipping
         {

@@ -84,8 +84,9 @@ impl KernelPrograms {
     /// Tells the kernel that mux itself has now written `total` bytes to the
     /// client socket `client_cookie` (what the backend sent the normal way).
     /// The first call also opens the kernel path for the connection (see
-    /// `mux_common::Client::open`). Read-modify-write: a concurrent ACK update may be lost, which only
-    /// makes the kernel's estimate of the client's queue larger (safe).
+    /// `mux_common::Client::open`). Read-modify-write: a concurrent ACK
+    /// update may be lost, which only makes the kernel's estimate of the
+    /// client's queue larger (safe).
     pub fn delivered(&self, client_cookie: u64, total: u64) -> Result<(), EbpfError> {
         let clients = self.clients.fd().as_fd();
         let mut client: Client = sys::get(clients, &client_cookie)

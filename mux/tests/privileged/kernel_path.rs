@@ -95,6 +95,20 @@ fn connection_lines(mux: &Mux) -> usize {
     mux.logs().iter().filter(|l| l.contains(" route=")).count()
 }
 
+/// How many connections mux has logged once `n` have, or after 10 s: each
+/// connection's line comes once both its directions ended, a moment after
+/// the client saw the end.
+async fn connection_lines_after(mux: &Mux, n: usize) -> usize {
+    let start = Instant::now();
+    loop {
+        let lines = connection_lines(mux);
+        if lines >= n || start.elapsed() > Duration::from_secs(10) {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (bounded) for mux's connection maps to empty.
 async fn maps_drain(mux: &Mux) -> usize {
     let start = Instant::now();
@@ -436,13 +450,10 @@ fn bursts_around_the_handoff(mode: Mode) {
             assert_eq!(got.len(), expect.len(), "round {round}: length");
             assert!(got == expect, "round {round}: bytes differ");
         }
-        // Each connection's line is logged once both its directions ended.
-        let start = Instant::now();
-        while connection_lines(&mux) < ROUNDS as usize && start.elapsed() < Duration::from_secs(10)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(connection_lines(&mux), ROUNDS as usize);
+        assert_eq!(
+            connection_lines_after(&mux, ROUNDS as usize).await,
+            ROUNDS as usize
+        );
         let on_path = mux
             .logs()
             .iter()
@@ -678,10 +689,7 @@ fn bulk_after_a_short_head_keeps_its_order() {
             .expect("the downloads did not finish in time");
         }
         let all = (PAIRS * ROUNDS) as usize;
-        let start = Instant::now();
-        while connection_lines(&mux) < all && start.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connection_lines_after(&mux, all).await;
         let lines: Vec<String> = mux
             .logs()
             .into_iter()
@@ -727,10 +735,7 @@ fn small_exchanges_leave_the_kernel_path() {
             exchange(i).await;
         }
         drop(s);
-        let start = Instant::now();
-        while connection_lines(&mux) < 1 && start.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connection_lines_after(&mux, 1).await;
         let line = mux
             .logs()
             .into_iter()
