@@ -99,6 +99,7 @@ pub fn test(args: &Args) -> Result<ExitCode> {
 
     let total = phases.len();
     let mut counts = Counts::default();
+    let mut failures = Failures::default();
     let mut results = Vec::new();
     for (i, mut phase) in phases.into_iter().enumerate() {
         say(
@@ -114,7 +115,10 @@ pub fn test(args: &Args) -> Result<ExitCode> {
         let result = match &mut phase.cmd {
             Err(why) => Err(anyhow::anyhow!("{why}")),
             Ok(cmd) if phase.counts_tests => {
-                let mut on_line = |line: &str| counts.add(parse_test_result(line));
+                let mut on_line = |line: &str| {
+                    counts.add(parse_test_result(line));
+                    failures.see(line);
+                };
                 run_tee("test", cmd, Some(&mut on_line))
             }
             Ok(cmd) => run("test", cmd),
@@ -159,6 +163,13 @@ pub fn test(args: &Args) -> Result<ExitCode> {
         "tests: {} passed, {} failed, {} skipped",
         counts.passed, counts.failed, counts.ignored
     );
+    // CI keeps only the end of a long log: repeat why each failed test failed, last.
+    for (name, why) in &failures.tests {
+        println!("failed: {name}");
+        for line in why {
+            println!("    {line}");
+        }
+    }
     let failed = results.iter().any(|(_, o, _)| matches!(o, Outcome::Failed));
     Ok(if failed {
         ExitCode::FAILURE
@@ -213,6 +224,43 @@ fn fuzz_command(root: &std::path::Path) -> Result<Command, String> {
         .arg(format!("-max_total_time={FUZZ_SECONDS}"))
         .arg("-rss_limit_mb=4096");
     Ok(cmd)
+}
+
+/// The failed tests of libtest's output, each with the first lines of its captured output
+/// from the panic on (libtest prints them after all tests ran, under `---- name stdout ----`).
+#[derive(Default)]
+struct Failures {
+    tests: Vec<(String, Vec<String>)>,
+    /// Inside a failure's section: lines are kept from its panic on.
+    open: Option<bool>,
+}
+
+impl Failures {
+    /// Lines kept per failure, and characters per line: enough for an assertion message.
+    const LINES: usize = 8;
+    const WIDTH: usize = 400;
+
+    fn see(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            self.tests.push((name.to_string(), Vec::new()));
+            self.open = Some(false);
+            return;
+        }
+        if line == "failures:" || line.starts_with("test result: ") {
+            self.open = None;
+            return;
+        }
+        let (Some(panicked), Some((_, why))) = (self.open.as_mut(), self.tests.last_mut()) else {
+            return;
+        };
+        *panicked |= line.contains("panicked at");
+        if *panicked && why.len() < Self::LINES {
+            why.push(line.chars().take(Self::WIDTH).collect());
+        }
+    }
 }
 
 #[derive(Default, Debug, PartialEq)]
@@ -279,5 +327,21 @@ mod tests {
         );
         assert_eq!(parse_test_result("running 3 tests"), None);
         assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn failed_tests_keep_their_panic() {
+        let out = "test a ... FAILED\ntest b ... ok\n\nfailures:\n\n---- a stdout ----\n\
+                   log line before\nthread 'a' panicked at x.rs:1:2:\nthe kernel moved too little\n\
+                   note: run with `RUST_BACKTRACE=1`\n\nfailures:\n    a\n\n\
+                   test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        let mut failures = Failures::default();
+        out.lines().for_each(|l| failures.see(l));
+        assert_eq!(failures.tests.len(), 1);
+        let (name, why) = &failures.tests[0];
+        assert_eq!(name, "a");
+        assert_eq!(why[0], "thread 'a' panicked at x.rs:1:2:");
+        assert_eq!(why[1], "the kernel moved too little");
+        assert!(!why.iter().any(|l| l.contains("before")));
     }
 }
