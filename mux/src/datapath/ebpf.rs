@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::ebpf::{self, CLIENT_SNDBUF, EbpfError, KernelPrograms, Pending, Withdrawn};
+use crate::ebpf::{self, EbpfError, KernelPrograms, Pending, Withdrawn};
 
 /// Published connections in a row that never sent in bulk after which
 /// `auto` stops publishing a backend's connections: publishing and
@@ -99,6 +99,18 @@ impl Kernel {
     /// `learn`: stop publishing the connections of a backend that does
     /// not send in bulk (`auto`), rather than always (`ebpf`).
     pub fn load(learn: bool) -> Result<Kernel, EbpfError> {
+        // Every client socket will need this; a process that cannot have it
+        // cannot use the kernel path at all, so say so now, once.
+        let probe = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .map_err(|e| EbpfError::Socket {
+            what: "socket()",
+            source: e.into(),
+        })?;
+        ebpf::fix_send_buffer(&probe)?;
         Ok(Kernel {
             programs: KernelPrograms::load()?,
             next_id: AtomicU64::new(0),
@@ -219,14 +231,7 @@ impl Kernel {
         let (client_key, backend_key) = (2 * id, 2 * id + 1);
         let cookie = ebpf::socket_cookie(outgoing)?;
         let client_cookie = ebpf::socket_cookie(client)?;
-        // A fixed send buffer, large against REDIRECT_WINDOW, is what lets a
-        // redirected send always find room (see mux_common::CLIENT_SNDBUF).
-        rustix::net::sockopt::set_socket_send_buffer_size(client, CLIENT_SNDBUF as usize).map_err(
-            |e| EbpfError::Socket {
-                what: "setsockopt(SO_SNDBUF)",
-                source: e.into(),
-            },
-        )?;
+        ebpf::fix_send_buffer(client)?;
         self.programs.insert_client_socket(client_key, client)?;
         // From here on the lease owns the entries, including on error.
         let lease = Lease {

@@ -95,6 +95,12 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
+    /// A client socket did not get the send buffer the redirect window
+    /// needs (see [`fix_send_buffer`]).
+    #[error(
+        "a client socket's send buffer is {got} bytes, the kernel path needs {want} (SO_SNDBUFFORCE needs CAP_NET_ADMIN)"
+    )]
+    SendBuffer { got: usize, want: usize },
 }
 
 /// Checks, without loading anything, that this kernel offers what the
@@ -133,6 +139,36 @@ pub fn probe_support() -> Result<(), EbpfError> {
     map(MapType::SockHash)?;
     map(MapType::PerCpuArray)?;
     cgroup2_mount().map(drop)
+}
+
+/// Fixes `socket`'s send buffer at [`CLIENT_SNDBUF`] (the kernel doubles
+/// it), which a redirected send relies on to find room (see
+/// [`REDIRECT_WINDOW`]). `SO_SNDBUFFORCE`, because plain `SO_SNDBUF` is
+/// silently capped at `net.core.wmem_max`, 208 KiB by default: under that
+/// cap a redirected send finds the client socket full, and a non-blocking
+/// backend stalls for good (the backpressure test hung so). The size is
+/// read back, since only that shows what the kernel granted.
+pub fn fix_send_buffer(socket: impl AsFd) -> Result<(), EbpfError> {
+    use rustix::net::sockopt;
+    let want = 2 * CLIENT_SNDBUF as usize;
+    // Without CAP_NET_ADMIN this fails; the read-back below says whether
+    // plain SO_SNDBUF was enough (a raised wmem_max).
+    if sockopt::set_socket_send_buffer_size_force(&socket, CLIENT_SNDBUF as usize).is_err() {
+        sockopt::set_socket_send_buffer_size(&socket, CLIENT_SNDBUF as usize).map_err(|e| {
+            EbpfError::Socket {
+                what: "setsockopt(SO_SNDBUF)",
+                source: e.into(),
+            }
+        })?;
+    }
+    let got = sockopt::socket_send_buffer_size(&socket).map_err(|e| EbpfError::Socket {
+        what: "getsockopt(SO_SNDBUF)",
+        source: e.into(),
+    })?;
+    if got < want {
+        return Err(EbpfError::SendBuffer { got, want });
+    }
+    Ok(())
 }
 
 /// `SO_NETNS_COOKIE` from `<asm-generic/socket.h>` (Linux 5.14+); the libc

@@ -338,7 +338,10 @@ fn backpressure(mode: Mode, download: bool) {
         let mut written_at_1s = None;
         let mut peak_memory = 0;
         while Instant::now() < slow_until {
-            let n = reader_side.read(&mut sip).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(10), reader_side.read(&mut sip))
+                .await
+                .expect("nothing to read for 10 s: the writer stalled for good")
+                .unwrap();
             hasher.update(&sip[..n]);
             received += n as u64;
             tokio::time::sleep(Duration::from_millis(62)).await;
@@ -574,6 +577,38 @@ on_both_paths! {
         backend_half_close(|routes| mode.start("", routes)).await;
     });
     killed_mid_transfer => |mode| super::killed_mid_transfer(mode);
+}
+
+/// `net.core.wmem_max` set to `value` until dropped, then back as it was.
+/// Global to the machine: only the serial privileged phase may use it.
+struct WmemMax(String);
+
+impl WmemMax {
+    const PATH: &str = "/proc/sys/net/core/wmem_max";
+
+    fn set(value: &str) -> WmemMax {
+        let before = std::fs::read_to_string(Self::PATH).unwrap();
+        std::fs::write(Self::PATH, value).unwrap();
+        WmemMax(before.trim().to_string())
+    }
+}
+
+impl Drop for WmemMax {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// The download backpressure check with `net.core.wmem_max` at the
+/// kernel's default (208 KiB; this machine raised it): a plain `SO_SNDBUF`
+/// would leave the client socket far smaller than the redirect window,
+/// redirected sends would find it full, and the tokio backend would stall
+/// for good (it did, before mux forced the size).
+#[test]
+fn backpressure_holds_under_the_default_wmem_max() {
+    assert!(can_run("root", is_root()));
+    let _wmem = WmemMax::set("212992");
+    backpressure(Mode::Kernel, true);
 }
 
 /// 10,000 short connections (connect, a line each way, close) leave every
