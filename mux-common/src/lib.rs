@@ -51,8 +51,9 @@ pub const MAP_LISTEN_SIZE: u32 = 256;
 /// finds room.
 pub const REDIRECT_WINDOW: u64 = 4 << 20;
 /// `SO_SNDBUF` mux sets on client sockets on the kernel path (the kernel
-/// doubles it): four times [`REDIRECT_WINDOW`] of buffer memory, leaving
-/// room for per-segment overhead.
+/// doubles it): twice [`REDIRECT_WINDOW`] of buffer memory, leaving room
+/// for per-segment overhead. Set with `SO_SNDBUFFORCE`, past
+/// `net.core.wmem_max`.
 pub const CLIENT_SNDBUF: u32 = 4 << 20;
 
 /// Name of the `SockHash<u64>` holding the backends' accepted sockets

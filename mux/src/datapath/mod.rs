@@ -304,6 +304,11 @@ async fn pump(
             other => other?,
         };
         if n == 0 {
+            // A backend that sent in bulk and closed at once must still
+            // count as one that sends in bulk (`auto` learns from it).
+            if unreported {
+                on_drained(*moved, stage.bulk());
+            }
             return shutdown_write(dst);
         }
         let mut pending = n;
@@ -338,5 +343,45 @@ pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
         // The peer already went away entirely: nothing left to tell it.
         Err(rustix::io::Errno::NOTCONN) => Ok(()),
         other => other.map_err(io::Error::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's pair over loopback: (the end mux reads, the peer).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (listener.accept().await.unwrap().0, peer)
+    }
+
+    /// A backend that sends in bulk and closes at once: its last delivery
+    /// is reported even though `src` never ran dry before its end.
+    #[tokio::test]
+    async fn the_last_delivery_is_reported_at_the_end() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (src, mut backend) = pair().await;
+        let (dst, mut client) = pair().await;
+        backend.write_all(&[7u8; 20 * 1024]).await.unwrap();
+        backend.shutdown().await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        let mut moved = 0;
+        let mut reports = Vec::new();
+        let stage = splice::Adaptive::new();
+        pump(&src, &dst, stage, &mut moved, |total, bulk| {
+            reports.push((total, bulk))
+        })
+        .await
+        .unwrap();
+        assert_eq!(reader.await.unwrap(), 20 * 1024);
+        assert_eq!(reports.last(), Some(&(20 * 1024, true)), "{reports:?}");
     }
 }
