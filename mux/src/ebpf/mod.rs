@@ -146,21 +146,22 @@ pub fn probe_support() -> Result<(), EbpfError> {
 /// [`REDIRECT_WINDOW`]). `SO_SNDBUFFORCE`, because plain `SO_SNDBUF` is
 /// silently capped at `net.core.wmem_max`, 208 KiB by default: under that
 /// cap a redirected send finds the client socket full, and a non-blocking
-/// backend stalls for good (the backpressure test hung so). The size is
-/// read back, since only that shows what the kernel granted.
+/// backend stalls for good (the backpressure test hung so).
 pub fn fix_send_buffer(socket: impl AsFd) -> Result<(), EbpfError> {
     use rustix::net::sockopt;
-    let want = 2 * CLIENT_SNDBUF as usize;
-    // Without CAP_NET_ADMIN this fails; the read-back below says whether
-    // plain SO_SNDBUF was enough (a raised wmem_max).
-    if sockopt::set_socket_send_buffer_size_force(&socket, CLIENT_SNDBUF as usize).is_err() {
-        sockopt::set_socket_send_buffer_size(&socket, CLIENT_SNDBUF as usize).map_err(|e| {
-            EbpfError::Socket {
-                what: "setsockopt(SO_SNDBUF)",
-                source: e.into(),
-            }
-        })?;
+    // The forced size is granted exactly, so the usual case costs one call
+    // per connection. Without CAP_NET_ADMIN it fails, and only a read-back
+    // shows whether plain SO_SNDBUF was enough (a raised wmem_max).
+    if sockopt::set_socket_send_buffer_size_force(&socket, CLIENT_SNDBUF as usize).is_ok() {
+        return Ok(());
     }
+    sockopt::set_socket_send_buffer_size(&socket, CLIENT_SNDBUF as usize).map_err(|e| {
+        EbpfError::Socket {
+            what: "setsockopt(SO_SNDBUF)",
+            source: e.into(),
+        }
+    })?;
+    let want = 2 * CLIENT_SNDBUF as usize;
     let got = sockopt::socket_send_buffer_size(&socket).map_err(|e| EbpfError::Socket {
         what: "getsockopt(SO_SNDBUF)",
         source: e.into(),
