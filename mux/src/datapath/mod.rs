@@ -291,6 +291,9 @@ async fn pump(
     mut on_drained: impl FnMut(u64, bool),
 ) -> io::Result<()> {
     let mut unreported = false;
+    // Also reported now and then while mux never catches up, so that
+    // `auto` can tell a connection the kernel no longer takes.
+    let mut reported = 0u64;
     loop {
         // Tried at once: with nothing to read, the report goes out before
         // the wait.
@@ -298,6 +301,7 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if std::mem::take(&mut unreported) {
                     on_drained(*moved, stage.bulk());
+                    reported = *moved;
                 }
                 ready(src, Interest::READABLE, || stage.fill(src)).await?
             }
@@ -318,8 +322,17 @@ async fn pump(
             *moved += w as u64;
         }
         unreported = true;
+        if *moved - reported >= REPORT_EVERY {
+            on_drained(*moved, stage.bulk());
+            reported = *moved;
+            unreported = false;
+        }
     }
 }
+
+/// Bytes after which `pump` reports a delivery even though mux has not
+/// caught up with its source.
+const REPORT_EVERY: u64 = 16 << 20;
 
 /// Retries `op` each time `stream` is ready for `interest`, until it does
 /// not return `WouldBlock`.

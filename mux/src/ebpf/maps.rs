@@ -159,6 +159,19 @@ impl KernelPrograms {
         }
     }
 
+    /// Bytes the kernel has moved so far for the connection whose outgoing
+    /// socket has `cookie`; `None` before the socket connected or after
+    /// the entries went.
+    pub fn moved(&self, cookie: u64) -> Result<Option<u64>, EbpfError> {
+        let Some(pending) = self.pending(cookie)? else {
+            return Ok(None);
+        };
+        if pending.connected == 0 {
+            return Ok(None);
+        }
+        Ok(self.flow(&pending.flow)?.map(|c| c.down_bytes))
+    }
+
     /// The pending entry for `cookie` as the kernel left it, if any.
     pub fn pending(&self, cookie: u64) -> Result<Option<Pending>, EbpfError> {
         sys::get(self.pending.fd().as_fd(), &cookie).map_err(map_error(MAP_PENDING))

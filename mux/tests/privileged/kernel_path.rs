@@ -662,17 +662,12 @@ fn ten_thousand_short_connections_leave_the_maps_idle() {
         );
         // mux logs a connection after it has left the maps, so the last
         // lines may still be on their way when the maps are already idle.
-        let ended = |mux: &Mux| -> Vec<String> {
-            mux.logs()
-                .into_iter()
-                .filter(|l| l.contains(" route=ssh ") && l.contains(" datapath="))
-                .collect()
-        };
-        let start = Instant::now();
-        while ended(&mux).len() < 10_000 && start.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let lines = ended(&mux);
+        connection_lines_after(&mux, 10_000).await;
+        let lines: Vec<String> = mux
+            .logs()
+            .into_iter()
+            .filter(|l| l.contains(" route=ssh "))
+            .collect();
         assert_eq!(lines.len(), 10_000, "one line per connection");
         let elsewhere: Vec<&String> = lines
             .iter()
@@ -961,6 +956,92 @@ fn the_kernel_path_resumes_after_a_spill() {
             down - spilled >= PHASE2,
             "the kernel path did not resume after the spill: {line}"
         );
+    });
+}
+
+/// `auto`: downloads that the kernel cannot take back (a backend that
+/// writes without pause to a client that reads slowly: mux never catches
+/// up) leave the kernel path once 64 MiB went through mux in a row, but
+/// only while another one is stuck too. Alone, one stays published (a lone
+/// download is taken back eventually on a fast client, and then runs far
+/// past splice). Every byte arrives in order either way, and the maps end
+/// idle.
+#[test]
+fn stuck_downloads_leave_the_kernel_path_together() {
+    const BODY: u64 = 192 << 20;
+    const LEFT: &str = "others were stuck too; splicing it from now on";
+    let rt = runtime();
+    rt.block_on(async {
+        // The first line carries the seed of the body to send.
+        let backend = backend(|mut s| async move {
+            let Some(line) = read_line(&mut s).await else {
+                return;
+            };
+            let seed: u64 = String::from_utf8_lossy(&line[8..line.len() - 2])
+                .parse()
+                .unwrap();
+            write_stream(&mut s, BODY, seed, false).await;
+            let _ = s.shutdown().await;
+        })
+        .await;
+        let mut mux =
+            Mux::with_config(&config("datapath = \"auto\"", &[("dl", "ssh", backend)])).unwrap();
+        mux.wait_log_async("datapath auto: kernel path", Duration::from_secs(5))
+            .await
+            .unwrap();
+        // 128 KiB a millisecond at most: far slower than the backend.
+        async fn slow_download(addr: std::net::SocketAddr, seed: u64) {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("SSH-2.0-{seed}\r\n").as_bytes())
+                .await
+                .unwrap();
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 128 * 1024];
+            let mut total = 0;
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                total += n as u64;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let got = (total, hex(&h.finalize()));
+            assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "download {seed}");
+        }
+        let limit = Duration::from_secs(60);
+        tokio::time::timeout(limit, slow_download(mux.addr, 1))
+            .await
+            .expect("the lone download did not finish in time");
+        connection_lines_after(&mux, 1).await;
+        let logs = mux.logs();
+        assert!(!logs.iter().any(|l| l.contains(LEFT)), "{logs:#?}");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        for seed in 2..5 {
+            tasks.spawn(slow_download(mux.addr, seed));
+        }
+        tokio::time::timeout(limit, async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await
+        .expect("the downloads did not finish in time");
+        connection_lines_after(&mux, 4).await;
+        let logs = mux.logs();
+        let left = logs.iter().filter(|l| l.contains(LEFT)).count();
+        assert!(left >= 2, "{logs:#?}");
+        let lines: Vec<&String> = logs.iter().filter(|l| l.contains(" route=dl ")).collect();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        for line in lines {
+            // Still counted as the kernel path's, with what it moved.
+            assert!(line.contains("datapath=ebpf"), "{line}");
+            assert_eq!(field(line, "down"), BODY, "{line}");
+        }
+        assert_eq!(maps_drain(&mux).await, 0, "map entries left");
     });
 }
 
