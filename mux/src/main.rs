@@ -120,6 +120,10 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         log::info!("routes:\n{}", config.describe().trim_end());
         let admin_addr = config.admin.clone();
         let takeover = config.takeover.clone();
+        let kernel = match &datapath {
+            DataPath::Kernel(kernel) => Some(kernel.clone()),
+            _ => None,
+        };
         let mut server = Server::bind(Shared::new(config, datapath)).await?;
         for addr in server.local_addrs() {
             log::info!("listening on {addr}");
@@ -152,6 +156,11 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         if let Some(user) = &args.user {
             privileges::drop_to_user(user)?;
             log::info!("running as user {user}");
+            if let Some(kernel) = &kernel {
+                kernel
+                    .after_privileges_dropped()
+                    .context("datapath = \"ebpf\" but the kernel path cannot go on after --user")?;
+            }
         }
         let (args, matches) = (args.clone(), matches.clone());
         server

@@ -49,6 +49,9 @@ pub struct Kernel {
     backends: Option<Mutex<HashMap<SocketAddr, Habit>>>,
     /// `auto`: published connections stuck on the normal path right now.
     stuck: AtomicU32,
+    /// Set when the process lost what client sockets need (see
+    /// [`Kernel::after_privileges_dropped`]): nothing is published.
+    off: AtomicBool,
 }
 
 /// What `auto` learned of one backend.
@@ -129,21 +132,13 @@ impl Kernel {
     pub fn load(learn: bool) -> Result<Kernel, EbpfError> {
         // Every client socket will need this; a process that cannot have it
         // cannot use the kernel path at all, so say so now, once.
-        let probe = rustix::net::socket(
-            rustix::net::AddressFamily::INET,
-            rustix::net::SocketType::STREAM,
-            None,
-        )
-        .map_err(|e| EbpfError::Socket {
-            what: "socket()",
-            source: e.into(),
-        })?;
-        ebpf::fix_send_buffer(&probe)?;
+        probe_send_buffer()?;
         Ok(Kernel {
             programs: KernelPrograms::load()?,
             next_id: AtomicU64::new(0),
             backends: learn.then(|| Mutex::new(HashMap::new())),
             stuck: AtomicU32::new(0),
+            off: AtomicBool::new(false),
         })
     }
 
@@ -151,6 +146,25 @@ impl Kernel {
     fn habits(&self) -> Option<MutexGuard<'_, HashMap<SocketAddr, Habit>>> {
         let backends = self.backends.as_ref()?;
         Some(backends.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// After `--user` dropped root: client send buffers can then be fixed
+    /// only as large as `net.core.wmem_max` allows (forcing them needs
+    /// `CAP_NET_ADMIN`). When that leaves the window no room, every later
+    /// connection would fail to publish with its own log line. `auto`
+    /// splices them all instead, saying so once; forced `ebpf` fails, as
+    /// it does when the programs cannot load.
+    pub fn after_privileges_dropped(&self) -> Result<(), EbpfError> {
+        match probe_send_buffer() {
+            Err(e) if self.backends.is_some() => {
+                self.off.store(true, Ordering::Relaxed);
+                log::warn!(
+                    "kernel path: off since dropping privileges ({e:#}); splicing every connection"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     fn skipping(&self, backend: SocketAddr) -> bool {
@@ -211,6 +225,9 @@ impl Kernel {
         client: &TcpStream,
         addr: SocketAddr,
     ) -> io::Result<(TcpStream, Option<Tracking>)> {
+        if self.off.load(Ordering::Relaxed) {
+            return Ok((TcpStream::connect(addr).await?, None));
+        }
         if self.skipping(addr) {
             let watch = Watch {
                 kernel: self.clone(),
@@ -290,6 +307,21 @@ impl Kernel {
             .port();
         self.programs.listen(ebpf::netns_cookie(listener)?, port)
     }
+}
+
+/// Whether this process can give a client socket the send buffer the
+/// kernel path needs, tried on a socket of its own.
+fn probe_send_buffer() -> Result<(), EbpfError> {
+    let probe = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .map_err(|e| EbpfError::Socket {
+        what: "socket()",
+        source: e.into(),
+    })?;
+    ebpf::fix_send_buffer(&probe)
 }
 
 /// Binds `socket` to `addr`'s IP when it is one of this host's, deferring

@@ -98,7 +98,7 @@ pub enum EbpfError {
     /// A client socket did not get the send buffer the redirect window
     /// needs (see [`fix_send_buffer`]).
     #[error(
-        "a client socket's send buffer is {got} bytes, the kernel path needs {want} (SO_SNDBUFFORCE needs CAP_NET_ADMIN)"
+        "a client socket's send buffer is {got} bytes, the kernel path needs {want} (forcing it needs CAP_NET_ADMIN; without it, net.core.wmem_max must be at least half of that)"
     )]
     SendBuffer { got: usize, want: usize },
 }

@@ -625,6 +625,86 @@ fn backpressure_holds_under_the_default_wmem_max() {
     backpressure(Mode::Kernel, true);
 }
 
+/// `--user` drops root, and with it `CAP_NET_ADMIN`: client send buffers
+/// can then grow only as far as `net.core.wmem_max` allows. At the kernel's
+/// default that leaves the redirect window no room, so mux says so once and
+/// splices every connection (each one failed to publish with a line of its
+/// own before), while forced `ebpf` refuses to go on. With `wmem_max` at
+/// 4 MiB (half of what the window needs, as the kernel doubles it) the
+/// kernel path goes on after the drop.
+#[test]
+fn after_user_the_kernel_path_follows_wmem_max() {
+    assert!(can_run("root", is_root()));
+    let rt = runtime();
+    for (wmem_max, path) in [("212992", "datapath=splice"), ("4194304", "datapath=ebpf")] {
+        let _wmem = WmemMax::set(wmem_max);
+        if path == "datapath=splice" {
+            let dir = Scratch::new("forced-user");
+            let config = dir.write(
+                "mux.toml",
+                "listen = \"127.0.0.1:0\"\ndatapath = \"ebpf\"\n[[route]]\nprotocol = \"any\"\nbackend = \"127.0.0.1:1\"\n",
+            );
+            let (status, _, err) = run(
+                std::process::Command::new(mux_bin())
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["--user", "nobody"]),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            assert_eq!(status.code(), Some(1), "{err}");
+            assert!(
+                err.contains("the kernel path cannot go on after --user"),
+                "{err}"
+            );
+        }
+        rt.block_on(async {
+            let backend = backend(|mut s| async move {
+                if read_line(&mut s).await.is_some() {
+                    write_stream(&mut s, 4 << 20, 5, false).await;
+                }
+                let _ = s.shutdown().await;
+            })
+            .await;
+            let mut mux = Mux::with_config_under_and(
+                &["env"],
+                &config("datapath = \"auto\"", &[("ssh", "ssh", backend)]),
+                &["--user", "nobody"],
+            )
+            .unwrap();
+            mux.wait_log_async("running as user nobody", Duration::from_secs(5))
+                .await
+                .unwrap();
+            for _ in 0..3 {
+                let mut s = TcpStream::connect(mux.addr).await.unwrap();
+                s.write_all(b"SSH-2.0-user\r\n").await.unwrap();
+                let got = tokio::time::timeout(Duration::from_secs(10), read_hash(&mut s))
+                    .await
+                    .expect("the download did not finish in time");
+                assert_eq!(got, (4 << 20, stream_sha256(4 << 20, 5)), "{wmem_max}");
+            }
+            connection_lines_after(&mux, 3).await;
+            let logs = mux.logs();
+            let off = logs
+                .iter()
+                .filter(|l| l.contains("splicing every connection"))
+                .count();
+            assert_eq!(off, usize::from(path == "datapath=splice"), "{logs:#?}");
+            let lines: Vec<&String> = logs.iter().filter(|l| l.contains(" route=ssh ")).collect();
+            assert_eq!(lines.len(), 3, "{logs:#?}");
+            for line in lines {
+                assert!(line.contains(path), "wmem_max {wmem_max}: {line}");
+            }
+            assert!(
+                !logs
+                    .iter()
+                    .any(|l| l.contains("kernel path not used for this connection")),
+                "{logs:#?}"
+            );
+        });
+    }
+}
+
 /// 10,000 short connections (connect, a line each way, close) leave every
 /// connection map of mux empty again.
 #[test]
@@ -695,14 +775,10 @@ fn bulk_after_a_short_head_keeps_its_order() {
     const ROUNDS: u64 = 6;
     let rt = runtime();
     rt.block_on(async {
-        // The first line carries the seed of the body to send.
         let backend = backend(|mut s| async move {
-            let Some(line) = read_line(&mut s).await else {
+            let Some(seed) = read_seed(&mut s).await else {
                 return;
             };
-            let seed: u64 = String::from_utf8_lossy(&line[8..line.len() - 2])
-                .parse()
-                .unwrap();
             let mut body = vec![0u8; BODY as usize];
             Stream::new(seed).fill(&mut body);
             let _ = s.write_all(b"HEAD 200\r\n").await;
@@ -725,19 +801,7 @@ fn bulk_after_a_short_head_keeps_its_order() {
                     s.read_exact(&mut head).await.unwrap();
                     assert_eq!(&head, b"HEAD 200\r\n");
                     // 64 KiB at a time, as a client that checks as it goes.
-                    use sha2::Digest;
-                    let mut h = sha2::Sha256::new();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let mut total = 0;
-                    loop {
-                        let n = s.read(&mut buf).await.unwrap();
-                        if n == 0 {
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                        total += n as u64;
-                    }
-                    let got = (total, hex(&h.finalize()));
+                    let got = read_in_pieces(&mut s, 64 << 10, None).await;
                     assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "pair {seed}");
                 });
             }
@@ -972,14 +1036,10 @@ fn stuck_downloads_leave_the_kernel_path_together() {
     const LEFT: &str = "others were stuck too; splicing it from now on";
     let rt = runtime();
     rt.block_on(async {
-        // The first line carries the seed of the body to send.
         let backend = backend(|mut s| async move {
-            let Some(line) = read_line(&mut s).await else {
+            let Some(seed) = read_seed(&mut s).await else {
                 return;
             };
-            let seed: u64 = String::from_utf8_lossy(&line[8..line.len() - 2])
-                .parse()
-                .unwrap();
             write_stream(&mut s, BODY, seed, false).await;
             let _ = s.shutdown().await;
         })
@@ -995,20 +1055,8 @@ fn stuck_downloads_leave_the_kernel_path_together() {
             s.write_all(format!("SSH-2.0-{seed}\r\n").as_bytes())
                 .await
                 .unwrap();
-            use sha2::Digest;
-            let mut h = sha2::Sha256::new();
-            let mut buf = vec![0u8; 128 * 1024];
-            let mut total = 0;
-            loop {
-                let n = s.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                total += n as u64;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let got = (total, hex(&h.finalize()));
+            let pause = Some(Duration::from_millis(1));
+            let got = read_in_pieces(&mut s, 128 << 10, pause).await;
             assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "download {seed}");
         }
         let limit = Duration::from_secs(60);
@@ -1073,6 +1121,36 @@ async fn read_line(s: &mut TcpStream) -> Option<Vec<u8>> {
         }
     }
     Some(line)
+}
+
+/// The seed of the body to send, from a first line `SSH-2.0-SEED\r\n`;
+/// `None` if the stream ends first.
+async fn read_seed(s: &mut TcpStream) -> Option<u64> {
+    let line = read_line(s).await?;
+    String::from_utf8_lossy(&line[8..line.len() - 2])
+        .parse()
+        .ok()
+}
+
+/// Reads `s` to its end at most `piece` bytes at a time, with `pause`
+/// after each read if given; returns the byte count and sha256.
+async fn read_in_pieces(s: &mut TcpStream, piece: usize, pause: Option<Duration>) -> (u64, String) {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; piece];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    (total, hex(&h.finalize()))
 }
 
 /// The number after ` name=` in a connection's log line.
