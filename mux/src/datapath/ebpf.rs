@@ -428,6 +428,9 @@ impl Lease {
             p.stuck = false;
             self.kernel.stuck.fetch_sub(1, Ordering::Relaxed);
             self.released.store(true, Ordering::Relaxed);
+            // `finish` skips a released lease: what auto learns of the
+            // backend (it sends in bulk) is said here.
+            self.kernel.ended(self.backend, true);
             p.left = self.withdraw();
             log::info!(
                 "kernel path: a connection to {} left it after {} bytes went through mux in a row while others were stuck too; splicing it from now on",
