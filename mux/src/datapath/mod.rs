@@ -276,13 +276,15 @@ trait Stage {
 /// Never holds more than one stage's worth: a slow reader stalls the writer.
 /// `moved` counts the bytes given to `dst`; `on_drained` hears that total,
 /// and whether bytes have come in bulk, each time the stage is empty and
-/// `src` has nothing more to read.
+/// `src` has nothing more to read, at `src`'s end, and otherwise once every
+/// [`REPORT_EVERY`] bytes.
 ///
-/// Only then: on the kernel path each report costs two bpf calls, and the
-/// kernel can take a connection back only once mux has relayed every byte
-/// the backend wrote, which it cannot have while `src` still holds some.
-/// A backend that outruns its client on busy cores keeps `src` full, and
-/// reporting after every stage cost it 2% of the machine's CPU for nothing.
+/// Not after every stage: on the kernel path each report costs two bpf
+/// calls, and the kernel can take a connection back only once mux has
+/// relayed every byte the backend wrote, which it cannot have while `src`
+/// still holds some. A backend that outruns its client on busy cores keeps
+/// `src` full, and reporting after every stage cost it 2% of the machine's
+/// CPU for nothing.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -290,16 +292,14 @@ async fn pump(
     moved: &mut u64,
     mut on_drained: impl FnMut(u64, bool),
 ) -> io::Result<()> {
-    let mut unreported = false;
-    // Also reported now and then while mux never catches up, so that
-    // `auto` can tell a connection the kernel no longer takes.
+    // The total last reported: bytes moved since are unreported.
     let mut reported = 0u64;
     loop {
         // Tried at once: with nothing to read, the report goes out before
         // the wait.
         let n = match src.try_io(Interest::READABLE, || stage.fill(src)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if std::mem::take(&mut unreported) {
+                if *moved != reported {
                     on_drained(*moved, stage.bulk());
                     reported = *moved;
                 }
@@ -310,7 +310,7 @@ async fn pump(
         if n == 0 {
             // A backend that sent in bulk and closed at once must still
             // count as one that sends in bulk (`auto` learns from it).
-            if unreported {
+            if *moved != reported {
                 on_drained(*moved, stage.bulk());
             }
             return shutdown_write(dst);
@@ -321,11 +321,11 @@ async fn pump(
             pending -= w;
             *moved += w as u64;
         }
-        unreported = true;
+        // Also while mux never catches up, so that `auto` can tell a
+        // connection the kernel no longer takes.
         if *moved - reported >= REPORT_EVERY {
             on_drained(*moved, stage.bulk());
             reported = *moved;
-            unreported = false;
         }
     }
 }

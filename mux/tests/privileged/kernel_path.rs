@@ -20,6 +20,9 @@ enum Mode {
     /// and CAP_PERFMON, where the programs cannot load: mux runs on
     /// splice(2) and must still pass everything.
     Fallback,
+    /// `datapath = "auto"` with every privilege: the kernel path, and what
+    /// `auto` learns of each backend and connection.
+    Auto,
 }
 
 /// Drops the capabilities eBPF needs from the bounding set of what it runs.
@@ -40,6 +43,9 @@ impl Mode {
             Mode::Kernel => {
                 Mux::with_config(&config(&format!("datapath = \"ebpf\"\n{extra}"), routes))
             }
+            Mode::Auto => {
+                Mux::with_config(&config(&format!("datapath = \"auto\"\n{extra}"), routes))
+            }
             Mode::Fallback => {
                 assert!(can_run("setpriv", have_tool("setpriv")));
                 Mux::with_config_under(
@@ -51,6 +57,7 @@ impl Mode {
         .unwrap();
         let expect = match self {
             Mode::Kernel => "datapath ebpf: kernel path",
+            Mode::Auto => "datapath auto: kernel path",
             Mode::Fallback => "datapath auto: splice(2)",
         };
         mux.wait_log(expect, Duration::from_secs(5)).unwrap();
@@ -60,7 +67,7 @@ impl Mode {
     /// The data path every connection's log line must name.
     fn datapath(self) -> &'static str {
         match self {
-            Mode::Kernel => "datapath=ebpf",
+            Mode::Kernel | Mode::Auto => "datapath=ebpf",
             Mode::Fallback => "datapath=splice",
         }
     }
@@ -639,23 +646,10 @@ fn after_user_the_kernel_path_follows_wmem_max() {
     for (wmem_max, path) in [("212992", "datapath=splice"), ("4194304", "datapath=ebpf")] {
         let _wmem = WmemMax::set(wmem_max);
         if path == "datapath=splice" {
-            let dir = Scratch::new("forced-user");
-            let config = dir.write(
-                "mux.toml",
-                "listen = \"127.0.0.1:0\"\ndatapath = \"ebpf\"\n[[route]]\nprotocol = \"any\"\nbackend = \"127.0.0.1:1\"\n",
-            );
-            let (status, _, err) = run(
-                std::process::Command::new(mux_bin())
-                    .arg("--config")
-                    .arg(&config)
-                    .args(["--user", "nobody"]),
-                Duration::from_secs(10),
-            )
-            .unwrap();
-            assert_eq!(status.code(), Some(1), "{err}");
-            assert!(
-                err.contains("the kernel path cannot go on after --user"),
-                "{err}"
+            forced_kernel_path_fails(
+                &[],
+                &["--user", "nobody"],
+                "the kernel path cannot go on after --user",
             );
         }
         rt.block_on(async {
@@ -892,11 +886,7 @@ fn auto_splices_a_backend_that_never_sends_in_bulk() {
             let _ = s.shutdown().await;
         })
         .await;
-        let mut mux =
-            Mux::with_config(&config("datapath = \"auto\"", &[("ssh", "ssh", backend)])).unwrap();
-        mux.wait_log_async("datapath auto: kernel path", Duration::from_secs(5))
-            .await
-            .unwrap();
+        let mut mux = Mode::Auto.start("", &[("ssh", "ssh", backend)]);
         // One connection: a line and its echo (or the 4 MiB); returns the
         // connection's log line.
         async fn one(mux: &mut Mux, bulk: bool) -> String {
@@ -1044,11 +1034,7 @@ fn stuck_downloads_leave_the_kernel_path_together() {
             let _ = s.shutdown().await;
         })
         .await;
-        let mut mux =
-            Mux::with_config(&config("datapath = \"auto\"", &[("dl", "ssh", backend)])).unwrap();
-        mux.wait_log_async("datapath auto: kernel path", Duration::from_secs(5))
-            .await
-            .unwrap();
+        let mux = Mode::Auto.start("", &[("dl", "ssh", backend)]);
         // 128 KiB a millisecond at most: far slower than the backend.
         async fn slow_download(addr: std::net::SocketAddr, seed: u64) {
             let mut s = TcpStream::connect(addr).await.unwrap();
@@ -1325,20 +1311,29 @@ fn forced_kernel_path_without_privilege_fails_clearly() {
         "root and setpriv",
         is_root() && have_tool("setpriv")
     ));
+    forced_kernel_path_fails(
+        &WITHOUT_BPF,
+        &[],
+        "datapath = \"ebpf\" but the kernel path cannot start",
+    );
+}
+
+/// Runs mux with `datapath = "ebpf"` under `wrapper` (a command that execs
+/// the rest, or none) with `args`; it must exit with status 1 saying
+/// `says`.
+fn forced_kernel_path_fails(wrapper: &[&str], args: &[&str], says: &str) {
     let dir = Scratch::new("forced");
     let path = dir.write("mux.toml", "listen = \"127.0.0.1:0\"\ndatapath = \"ebpf\"\n[[route]]\nprotocol = \"any\"\nbackend = \"127.0.0.1:1\"\n");
-    let (status, _, err) = run(
-        std::process::Command::new(WITHOUT_BPF[0])
-            .args(&WITHOUT_BPF[1..])
-            .arg(mux_bin())
-            .arg("--config")
-            .arg(&path),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let config = path.to_str().unwrap();
+    let argv: Vec<&str> = wrapper
+        .iter()
+        .copied()
+        .chain([mux_bin(), "--config", config])
+        .chain(args.iter().copied())
+        .collect();
+    let mut command = std::process::Command::new(argv[0]);
+    command.args(&argv[1..]);
+    let (status, _, err) = run(&mut command, Duration::from_secs(10)).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("datapath = \"ebpf\" but the kernel path cannot start"),
-        "{err}"
-    );
+    assert!(err.contains(says), "{err}");
 }
