@@ -249,9 +249,11 @@ pub fn markdown(
          divided by direct's and by sslh-fork's for the same case (where the table has them). Higher is better for throughput and \
          rates; lower is better for latency, CPU and memory, so there a ratio below 1 is better. Every \
          system runs on loopback on the same {} cores as the load generator and the backend, so a proxy's \
-         own CPU use also slows what it serves. Repetitions are interleaved: each round starts every \
-         system afresh in turn and runs all its cases, so that the machine's drift during the run \
-         (this is a VM) falls on all systems alike. Each runs with its default logging: mux and sslh write a \
+         own CPU use also slows what it serves. Repetitions are interleaved case by case: each turn \
+         measures one case on every system in turn, each started afresh for it, each turn starting \
+         one system later than the one before, so that the machine's drift during the run (this VM \
+         has slow phases of 20-25 s in which even direct loses a quarter of its round-trip rate) \
+         falls on neighbouring measurements of several systems alike. Each runs with its default logging: mux and sslh write a \
          line per connection to stderr (a file here), HAProxy has no log directive, Caddy logs no requests.\n",
         p.reps, m.cores
     );

@@ -275,17 +275,34 @@ fn run_workload(
         .iter()
         .map(|&system| SystemState::new(ctx, w, system, &backends))
         .collect::<Result<Vec<_>>>()?;
-    // Repetitions are interleaved: round k runs every system once, in turn, so that a
-    // machine whose speed drifts during the run (a VM's neighbours, CPU frequency) shifts
-    // every system's figures alike instead of favouring whichever ran in a good phase.
+    // Repetitions are interleaved case by case: each turn measures one case on every
+    // system, each started afresh, one after another. This VM has slow phases of 20-25 s in
+    // which even direct loses a quarter of its round-trip rate; a turn takes 25-55 s in the
+    // full profile, so a phase falls on neighbouring measurements of several systems alike
+    // rather than on every case of whichever system ran then (in one full run, three of
+    // mux-auto's five rounds of round trips at 64 connections ran at the slow phase's rate,
+    // none of mux-splice's). Each turn starts one system later than the one before, so that
+    // no system is always measured at the same point of a turn.
+    let cases = w.cases();
+    let n = states.len();
     for rep in 0..ctx.profile.reps {
-        for (state, bar) in states.iter_mut().zip(&bars) {
-            if rep == 0 {
-                bar.reset_elapsed();
-            }
-            run_round(ctx, w, state, rep, bar, total, &mut notes)?;
-            if rep + 1 == ctx.profile.reps {
-                say_done(mp, bar, w, state)?;
+        for (c, &case) in cases.iter().enumerate() {
+            let turn = rep * cases.len() + c;
+            for i in turn_order(turn, n) {
+                let (state, bar) = (&mut states[i], &bars[i]);
+                if turn == 0 {
+                    bar.reset_elapsed();
+                }
+                let start = Instant::now();
+                bar.set_message(case.label());
+                let values = run_case(ctx, w, state, case, rep, &mut notes)?;
+                state.reps[c].push(values);
+                state.seconds += start.elapsed().as_secs_f64();
+                bar.inc(1);
+                total.inc(1);
+                if rep + 1 == ctx.profile.reps && c + 1 == cases.len() {
+                    say_done(mp, bar, w, state)?;
+                }
             }
         }
     }
@@ -309,6 +326,12 @@ fn run_workload(
         rows,
         notes,
     ))
+}
+
+/// The systems (as indices) in the order turn `turn` measures them: all of them, starting one
+/// later than the turn before.
+fn turn_order(turn: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (turn + k) % n)
 }
 
 fn start_backends(ctx: &Ctx, w: Workload) -> Result<Backends> {
@@ -432,73 +455,64 @@ impl SystemState {
     }
 }
 
-/// Repetition `rep` of every case on one system, started afresh for it and stopped after
-/// it, so that only one system runs at a time. What the table should say besides the
-/// figures goes in `notes`.
-fn run_round(
+/// Repetition `rep` of `case` on one system, started afresh for it and stopped after it,
+/// so that only one system runs at a time: the case's figures. What the table should say
+/// besides them goes in `notes`.
+fn run_case(
     ctx: &Ctx,
     w: Workload,
-    state: &mut SystemState,
+    state: &SystemState,
+    case: Case,
     rep: usize,
-    bar: &ProgressBar,
-    total: &ProgressBar,
     notes: &mut Vec<String>,
-) -> Result<()> {
-    let start = Instant::now();
+) -> Result<Vec<Value>> {
     let system = state.system;
     let routes = state.routes;
     let name = format!("{}-{}", w.key(), system.name());
     let metrics = w.metrics().len();
-    // Memory starts a fresh system for each measurement: an allocator that has once held
-    // N connections keeps some of that memory, which would flatter what follows.
     let mut running: Option<Result<Running>> = None;
-    for (case, reps) in w.cases().into_iter().zip(&mut state.reps) {
-        bar.set_message(case.label());
-        let mut retried = false;
-        let values = loop {
-            // A system that died (sslh-select past FD_SETSIZE) is restarted for what
-            // follows; one that failed to start is tried again, in case that was passing.
-            let alive = match running.as_mut() {
-                Some(Ok(r)) => r.check_alive().is_ok(),
-                _ => false,
-            };
-            if w == Workload::Memory || !alive {
-                // Stop the old one before its successor takes its place.
-                drop(running.take());
-                running = Some(peers::start(ctx.dir, ctx.bins, system, routes, w.key()));
-            }
-            let r = match running.as_mut().expect("just started") {
-                Ok(r) => r,
-                // Why it cannot run here: no point in trying again right away.
-                Err(e) => break failure_cells(e, metrics)?,
-            };
-            if rep == 0 && !retried && w == Workload::Http && case.label() == HTTP_PATHS[0] {
-                notes.extend(http_answers(r, routes));
-            }
-            match measure(ctx, case, r, routes, &name, notes) {
-                Ok(v) => break v,
-                Err(e) if retried => break failure_cells(&e, metrics)?,
-                Err(e) => {
-                    // Once in many runs a client fails for no reason the proxy is to blame
-                    // for; one more try, said in the notes so that nothing is hidden.
-                    failure_cells(&e, metrics)?;
-                    notes.push(format!(
-                        "{} {}: a repetition failed and was run again: {}",
-                        system.name(),
-                        case.label(),
-                        format!("{e:#}").replace('\n', " ")
-                    ));
-                    retried = true;
-                }
-            }
+    let mut retried = false;
+    let values = loop {
+        // A system that died (sslh-select past FD_SETSIZE) is started again for the retry;
+        // one that failed to start is tried again, in case that was passing.
+        let alive = match running.as_mut() {
+            Some(Ok(r)) => r.check_alive().is_ok(),
+            _ => false,
         };
-        reps.push(values);
-        bar.inc(1);
-        total.inc(1);
-    }
+        // Memory also starts afresh for a retry: an allocator that has once held N
+        // connections keeps some of that memory, which would flatter what follows.
+        if w == Workload::Memory || !alive {
+            // Stop the old one before its successor takes its place.
+            drop(running.take());
+            running = Some(peers::start(ctx.dir, ctx.bins, system, routes, w.key()));
+        }
+        let r = match running.as_mut().expect("just started") {
+            Ok(r) => r,
+            // Why it cannot run here: no point in trying again right away.
+            Err(e) => break failure_cells(e, metrics)?,
+        };
+        if rep == 0 && !retried && w == Workload::Http && case.label() == HTTP_PATHS[0] {
+            notes.extend(http_answers(r, routes));
+        }
+        match measure(ctx, case, r, routes, &name, notes) {
+            Ok(v) => break v,
+            Err(e) if retried => break failure_cells(&e, metrics)?,
+            Err(e) => {
+                // Once in many runs a client fails for no reason the proxy is to blame
+                // for; one more try, said in the notes so that nothing is hidden.
+                failure_cells(&e, metrics)?;
+                notes.push(format!(
+                    "{} {}: a repetition failed and was run again: {}",
+                    system.name(),
+                    case.label(),
+                    format!("{e:#}").replace('\n', " ")
+                ));
+                retried = true;
+            }
+        }
+    };
     drop(running);
-    state.seconds += start.elapsed().as_secs_f64();
-    Ok(())
+    Ok(values)
 }
 
 /// The cells of a repetition that failed, saying why; Err (ending the whole run, so that
@@ -757,7 +771,7 @@ fn memory(ctx: &Ctx, r: &mut Running, echo: SocketAddr, name: &str) -> Result<Ve
 
 /// One wrk run: [requests/s, p99 ms, errors (non-2xx responses and socket errors)].
 fn wrk(ctx: &Ctx, r: &mut Running, to: SocketAddr, path: &str, name: &str) -> Result<Vec<Value>> {
-    // Unmeasured: every system starts afresh each round, and the first second after a
+    // Unmeasured: every system starts afresh for each case, and the first second after a
     // start (64 connections opening at once, caches and allocators warming) is not the
     // steady state this measures.
     client(
@@ -859,6 +873,31 @@ fn http_get(to: SocketAddr, path: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every turn measures every system once, and over as many turns as there are systems
+    /// each one goes first once.
+    #[test]
+    fn turns_rotate_over_all_systems() {
+        let n = TCP_SYSTEMS.len();
+        let mut firsts = Vec::new();
+        let mut follows = std::collections::HashSet::new();
+        for turn in 0..n {
+            let order: Vec<usize> = turn_order(turn, n).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "turn {turn}: {order:?}");
+            firsts.push(order[0]);
+            follows.extend(order.windows(2).map(|w| (w[0], w[1])));
+        }
+        firsts.sort_unstable();
+        assert_eq!(firsts, (0..n).collect::<Vec<_>>());
+        assert_eq!(
+            turn_order(n, n).collect::<Vec<_>>(),
+            turn_order(0, n).collect::<Vec<_>>()
+        );
+        // A rotation keeps the cyclic order: each system is followed by the same one.
+        assert_eq!(follows.len(), n);
+    }
 
     const WRK: &str = "Running 1s test @ http://127.0.0.1:40302/v1/models
   2 threads and 64 connections
