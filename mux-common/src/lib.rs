@@ -97,8 +97,11 @@ pub const STAT_FLOW_FAILED: u32 = 4;
 /// [`REDIRECT_WINDOW`] outstanding (or mux had not yet delivered earlier
 /// ones).
 pub const STAT_SPILLED: u32 = 5;
+/// sock_ops turned off the ACK callbacks of a client socket that is not, or
+/// no longer, published: once per such socket.
+pub const STAT_ACKS_UNWATCHED: u32 = 6;
 /// Entries of [`MAP_STATS`].
-pub const MAP_STATS_SIZE: u32 = 6;
+pub const MAP_STATS_SIZE: u32 = 7;
 
 /// Name of the `HashMap<u32, u32>` of ports mux takes over (host order ->
 /// 1): connections to them from other hosts go to mux's listener.

@@ -12,8 +12,8 @@ use aya::maps::MapError;
 use mux_common::{
     Capture, Client, Flow, ListenKey, MAP_CLIENT_SOCK, MAP_CLIENT_SOCK_SIZE, MAP_CLIENTS,
     MAP_FLOWS, MAP_LISTEN, MAP_PENDING, MAP_SOCKS, MAP_SOCKS_SIZE, MAP_STATS, MAX_CONNECTIONS,
-    Pending, STAT_CAPTURED, STAT_FLOW_FAILED, STAT_INSERT_FAILED, STAT_REDIRECT_FAILED,
-    STAT_REDIRECTED, STAT_SPILLED,
+    Pending, STAT_ACKS_UNWATCHED, STAT_CAPTURED, STAT_FLOW_FAILED, STAT_INSERT_FAILED,
+    STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED,
 };
 
 use super::{EbpfError, KernelPrograms, sys};
@@ -34,6 +34,9 @@ pub struct Stats {
     /// Backend sends that took the normal path to keep the client's queue
     /// bounded (see `mux_common::REDIRECT_WINDOW`).
     pub spilled: u64,
+    /// Client sockets whose ACK callbacks were turned off: not published,
+    /// or no longer.
+    pub acks_unwatched: u64,
 }
 
 /// What the kernel did for one connection, read when it is withdrawn.
@@ -266,6 +269,7 @@ impl KernelPrograms {
             redirected: sum(STAT_REDIRECTED)?,
             redirect_failed: sum(STAT_REDIRECT_FAILED)?,
             spilled: sum(STAT_SPILLED)?,
+            acks_unwatched: sum(STAT_ACKS_UNWATCHED)?,
         })
     }
 }

@@ -120,6 +120,19 @@ fn nothing_to_read(s: &TcpStream) -> bool {
     idle
 }
 
+/// mux's side of a client connection writes to the client, which reads it
+/// and answers: once mux's side has the answer, it has also processed the
+/// client's ACK of what it wrote (the answer carries it).
+fn exchange(mux_side: &TcpStream, client: &mut TcpStream) {
+    let mut mux_side = mux_side;
+    mux_side.write_all(b"ping").unwrap();
+    assert_eq!(read_n(client, 4), b"ping");
+    client.write_all(b"pong").unwrap();
+    let mut answer = [0u8; 4];
+    mux_side.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"pong");
+}
+
 /// The whole life of one connection on the kernel path, with mux's
 /// outgoing socket of `local`'s family and the backend listening on
 /// `listen`, played by hand: what mux does, step by step.
@@ -232,6 +245,7 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     );
     assert!(stats.redirected >= 1, "{stats:?}");
     assert_eq!(stats.spilled, 1, "the held send: {stats:?}");
+    assert_eq!(stats.acks_unwatched, 0, "a published client: {stats:?}");
 
     // A connection from an unpublished socket is left alone.
     let mut stranger = TcpStream::connect_timeout(&backend, DEADLINE).unwrap();
@@ -260,6 +274,22 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     assert!(programs.client_socket_keys().unwrap().is_empty());
     accepted.write_all(b"after").unwrap();
     assert_eq!(read_n(&mut outgoing, 5), b"after");
+
+    // The client's ACKs no longer run the program: the first one after
+    // the withdrawal turns its callbacks off. The same for a client of
+    // mux's listener that is never published.
+    let acks_unwatched = || programs.stats().unwrap().acks_unwatched;
+    exchange(&mux_client, &mut client);
+    assert_eq!(acks_unwatched(), 1, "the first ACK after leaving");
+    exchange(&mux_client, &mut client);
+    assert_eq!(acks_unwatched(), 1, "a later ACK ran the program");
+    let mut other = TcpStream::connect_timeout(&front.local_addr().unwrap(), DEADLINE).unwrap();
+    other.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (mux_other, _) = accept(&front);
+    for _ in 0..3 {
+        exchange(&mux_other, &mut other);
+    }
+    assert_eq!(acks_unwatched(), 2, "a client never published");
 
     // Dropping KernelPrograms detaches and unloads: the programs and the
     // cgroup link leave the kernel's lists.
