@@ -393,8 +393,19 @@ pub async fn write_stream<W: AsyncWriteExt + Unpin>(
 
 /// Reads to EOF; returns (length, sha256).
 pub async fn read_hash<R: AsyncReadExt + Unpin>(r: &mut R) -> (u64, String) {
+    read_hash_paced(r, 256 * 1024, None).await
+}
+
+/// Reads to EOF at most `piece` bytes at a time, with `pause` after each
+/// read if given (a client that checks as it goes, or a slow one); returns
+/// (length, sha256).
+pub async fn read_hash_paced<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    piece: usize,
+    pause: Option<Duration>,
+) -> (u64, String) {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; piece];
     let mut total = 0;
     loop {
         match r.read(&mut buf).await {
@@ -403,6 +414,9 @@ pub async fn read_hash<R: AsyncReadExt + Unpin>(r: &mut R) -> (u64, String) {
                 h.update(&buf[..n]);
                 total += n as u64;
             }
+        }
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
         }
     }
     (total, hex(&h.finalize()))

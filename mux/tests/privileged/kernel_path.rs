@@ -795,7 +795,7 @@ fn bulk_after_a_short_head_keeps_its_order() {
                     s.read_exact(&mut head).await.unwrap();
                     assert_eq!(&head, b"HEAD 200\r\n");
                     // 64 KiB at a time, as a client that checks as it goes.
-                    let got = read_in_pieces(&mut s, 64 << 10, None).await;
+                    let got = read_hash_paced(&mut s, 64 << 10, None).await;
                     assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "pair {seed}");
                 });
             }
@@ -1042,7 +1042,7 @@ fn stuck_downloads_leave_the_kernel_path_together() {
                 .await
                 .unwrap();
             let pause = Some(Duration::from_millis(1));
-            let got = read_in_pieces(&mut s, 128 << 10, pause).await;
+            let got = read_hash_paced(&mut s, 128 << 10, pause).await;
             assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "download {seed}");
         }
         let limit = Duration::from_secs(60);
@@ -1116,27 +1116,6 @@ async fn read_seed(s: &mut TcpStream) -> Option<u64> {
     String::from_utf8_lossy(&line[8..line.len() - 2])
         .parse()
         .ok()
-}
-
-/// Reads `s` to its end at most `piece` bytes at a time, with `pause`
-/// after each read if given; returns the byte count and sha256.
-async fn read_in_pieces(s: &mut TcpStream, piece: usize, pause: Option<Duration>) -> (u64, String) {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; piece];
-    let mut total = 0;
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        total += n as u64;
-        if let Some(pause) = pause {
-            tokio::time::sleep(pause).await;
-        }
-    }
-    (total, hex(&h.finalize()))
 }
 
 /// The number after ` name=` in a connection's log line.
