@@ -3,7 +3,8 @@
 //!
 //! Attached to the cgroup v2 root, this runs for every TCP socket event on
 //! the machine, so it must be cheap and must leave everything that is not
-//! mux's alone. Two callbacks matter:
+//! mux's alone (and `auto` takes it off while no connection needs it).
+//! Two callbacks matter:
 //! - `TCP_CONNECT_CB` on mux's outgoing socket, just before its SYN leaves:
 //!   if user space published the socket's cookie in `MUX_PENDING`, the now
 //!   known 4-tuple goes into `MUX_FLOWS` (and back into the pending entry,
@@ -16,8 +17,8 @@
 //!   by one of mux's listeners (`MUX_LISTEN`) asks for RTT callbacks.
 //! - `RTT_CB` on those client sockets, at each timed ACK: records how far
 //!   the client acknowledged, for sk_msg's bound (`REDIRECT_WINDOW`). A
-//!   client socket that is not published turns its callbacks off at the
-//!   first one.
+//!   client socket of ours that is not published turns its callbacks off
+//!   at the first one.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -142,8 +143,20 @@ fn on_rtt(ctx: &SockOpsContext) {
         // back. Either way its ACKs need no program run; most of mux's
         // connections are of this kind (small messages, HTTP, remote
         // backends), and the run cost them about 0.5% of round trips.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
-        bump(STAT_ACKS_UNWATCHED);
+        // Only for a client of this mux's own listeners: another mux on
+        // the machine runs its programs at the same callbacks, and its
+        // published clients are in its maps, not in ours.
+        let listen = ListenKey {
+            // SAFETY: the helper accepts the sock_ops context pointer.
+            netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            port: ctx.local_port(),
+            _pad: 0,
+        };
+        // SAFETY: the value is not used, only its presence.
+        if unsafe { MUX_LISTEN.get(&listen) }.is_some() {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+            bump(STAT_ACKS_UNWATCHED);
+        }
         return;
     };
     // SAFETY: the context field is readable for this callback, and the map

@@ -44,14 +44,40 @@ pub struct Kernel {
     /// Source of per-connection socket keys (two per connection: the
     /// client's in `MUX_CLIENT_SOCK`, the backend's in `MUX_SOCKS`).
     next_id: AtomicU64,
-    /// `auto` only: how each backend's recent connections went. `None`
-    /// (forced `ebpf`): every connection to a local backend is published.
-    backends: Option<Mutex<HashMap<SocketAddr, Habit>>>,
+    /// `auto` only: what it learned of each backend, and whether the
+    /// sock_ops program needs to stay attached. `None` (forced `ebpf`):
+    /// every connection to a local backend is published, and the program
+    /// stays attached.
+    learned: Option<Mutex<Learned>>,
     /// `auto`: published connections stuck on the normal path right now.
     stuck: AtomicU32,
     /// Set when the process lost what client sockets need (see
-    /// [`Kernel::after_privileges_dropped`]): nothing is published.
+    /// [`Kernel::after_privileges_dropped`]), or `auto` could not attach
+    /// sock_ops again: nothing is published.
     off: AtomicBool,
+}
+
+/// What `auto` learned, and what depends on it.
+#[derive(Default)]
+struct Learned {
+    backends: HashMap<SocketAddr, Habit>,
+    /// Publications not withdrawn yet. While there is one, the sock_ops
+    /// program stays attached: its client's ACKs bound what the kernel
+    /// hands it.
+    live: usize,
+    /// After `--user` the program could not be attached again: it stays.
+    keep_attached: bool,
+}
+
+impl Learned {
+    /// Whether a later connection may be published, so that the sock_ops
+    /// program must stay attached for it: while no backend is known yet,
+    /// while one on this host is published, and past [`TRACKED_BACKENDS`].
+    fn may_publish(&self) -> bool {
+        self.backends.is_empty()
+            || self.backends.len() >= TRACKED_BACKENDS
+            || self.backends.values().any(|h| !h.skipping && !h.remote)
+    }
 }
 
 /// What `auto` learned of one backend.
@@ -63,6 +89,30 @@ struct Habit {
     /// Connections are dialed plainly (and spliced) until one of them sees
     /// the backend send in bulk.
     skipping: bool,
+    /// Never published: not an address of this host (or unspecified).
+    remote: bool,
+}
+
+/// What `dial` does with a connection.
+enum Plan {
+    /// A plain connection: forced off, or a backend on another host.
+    Plain,
+    /// A plain connection that tells `auto` if the backend sends in bulk.
+    Watch,
+    /// Published if the backend is on this host; the hold (`auto` only)
+    /// keeps the sock_ops program attached until the lease is withdrawn.
+    Publish(Option<Hold>),
+}
+
+/// One publication counted in [`Learned::live`]; dropping it uncounts it.
+struct Hold {
+    kernel: Arc<Kernel>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.kernel.release();
+    }
 }
 
 impl std::fmt::Debug for Kernel {
@@ -89,6 +139,8 @@ pub struct Lease {
     released: AtomicBool,
     /// `auto`: whether the kernel still takes the connection's bytes.
     progress: Mutex<Progress>,
+    /// `auto`: keeps the sock_ops program attached until the withdrawal.
+    hold: Mutex<Option<Hold>>,
 }
 
 /// What `auto` follows of a published connection that sends in bulk.
@@ -136,16 +188,16 @@ impl Kernel {
         Ok(Kernel {
             programs: KernelPrograms::load()?,
             next_id: AtomicU64::new(0),
-            backends: learn.then(|| Mutex::new(HashMap::new())),
+            learned: learn.then(|| Mutex::new(Learned::default())),
             stuck: AtomicU32::new(0),
             off: AtomicBool::new(false),
         })
     }
 
-    /// What `auto` learned of each backend; `None` for forced `ebpf`.
-    fn habits(&self) -> Option<MutexGuard<'_, HashMap<SocketAddr, Habit>>> {
-        let backends = self.backends.as_ref()?;
-        Some(backends.lock().unwrap_or_else(|e| e.into_inner()))
+    /// What `auto` learned; `None` for forced `ebpf`.
+    fn learned(&self) -> Option<MutexGuard<'_, Learned>> {
+        let learned = self.learned.as_ref()?;
+        Some(learned.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// After `--user` dropped root: client send buffers can then be fixed
@@ -155,8 +207,11 @@ impl Kernel {
     /// splices them all instead, saying so once; forced `ebpf` fails, as
     /// it does when the programs cannot load.
     pub fn after_privileges_dropped(&self) -> Result<(), EbpfError> {
+        if let Some(mut learned) = self.learned() {
+            learned.keep_attached = true;
+        }
         match probe_send_buffer() {
-            Err(e) if self.backends.is_some() => {
+            Err(e) if self.learned.is_some() => {
                 self.off.store(true, Ordering::Relaxed);
                 log::warn!(
                     "kernel path: off since dropping privileges ({e:#}); splicing every connection"
@@ -167,17 +222,80 @@ impl Kernel {
         }
     }
 
-    fn skipping(&self, backend: SocketAddr) -> bool {
-        self.habits()
-            .is_some_and(|b| b.get(&backend).is_some_and(|h| h.skipping))
+    /// What to do with a connection to `backend`. For one `auto` may
+    /// publish, the sock_ops program is attached first if it is not (see
+    /// [`Kernel::release`]).
+    fn plan(self: &Arc<Self>, backend: SocketAddr) -> Plan {
+        let Some(mut learned) = self.learned() else {
+            return Plan::Publish(None);
+        };
+        match learned.backends.get(&backend) {
+            Some(habit) if habit.skipping => return Plan::Watch,
+            Some(habit) if habit.remote => return Plan::Plain,
+            _ => {}
+        }
+        match self.programs.attach_sock_ops() {
+            Ok(false) => {}
+            Ok(true) => {
+                log::info!("kernel path: sock_ops attached again for connections to {backend}")
+            }
+            Err(e) => {
+                // Not worth a line per connection: nothing would change.
+                self.off.store(true, Ordering::Relaxed);
+                log::warn!(
+                    "kernel path: off, sock_ops cannot be attached again ({e:#}); splicing every connection"
+                );
+                return Plan::Plain;
+            }
+        }
+        // Known from now on, so that the program stays attached for it.
+        if learned.backends.len() < TRACKED_BACKENDS {
+            learned.backends.entry(backend).or_default();
+        }
+        learned.live += 1;
+        Plan::Publish(Some(Hold {
+            kernel: self.clone(),
+        }))
+    }
+
+    /// A publication was withdrawn (or never made). When none is left and
+    /// no later connection may be published, the sock_ops program comes
+    /// off the cgroup: attached, the kernel runs it at every TCP socket
+    /// event on the machine, 19 per proxied connection (4 sockets), 3.6 us
+    /// of it per connection by `kernel.bpf_stats_enabled`, for every
+    /// process's connections, whether mux publishes them or not.
+    fn release(&self) {
+        let Some(mut learned) = self.learned() else {
+            return;
+        };
+        learned.live -= 1;
+        if learned.live == 0
+            && !learned.keep_attached
+            && !learned.may_publish()
+            && self.programs.detach_sock_ops()
+        {
+            log::info!(
+                "kernel path: every backend dialed is spliced or on another host; sock_ops detached until one sends in bulk"
+            );
+        }
+    }
+
+    /// `backend` is not an address of this host.
+    fn remote(&self, backend: SocketAddr) {
+        if let Some(mut learned) = self.learned()
+            && let Some(habit) = learned.backends.get_mut(&backend)
+        {
+            habit.remote = true;
+        }
     }
 
     /// A published connection to `backend` ended; `opened` says whether
     /// the backend sent in bulk.
     fn ended(&self, backend: SocketAddr, opened: bool) {
-        let Some(mut backends) = self.habits() else {
+        let Some(mut learned) = self.learned() else {
             return;
         };
+        let backends = &mut learned.backends;
         if opened {
             if let Some(habit) = backends.get_mut(&backend) {
                 habit.idle_run = 0;
@@ -199,10 +317,10 @@ impl Kernel {
 
     /// An unpublished connection saw `backend` send in bulk.
     fn sends_in_bulk(&self, backend: SocketAddr) {
-        let Some(mut backends) = self.habits() else {
+        let Some(mut learned) = self.learned() else {
             return;
         };
-        if let Some(habit) = backends.get_mut(&backend)
+        if let Some(habit) = learned.backends.get_mut(&backend)
             && habit.skipping
         {
             *habit = Habit::default();
@@ -228,26 +346,32 @@ impl Kernel {
         if self.off.load(Ordering::Relaxed) {
             return Ok((TcpStream::connect(addr).await?, None));
         }
-        if self.skipping(addr) {
-            let watch = Watch {
-                kernel: self.clone(),
-                backend: addr,
-                told: AtomicBool::new(false),
-            };
-            return Ok((
-                TcpStream::connect(addr).await?,
-                Some(Tracking::Watch(watch)),
-            ));
-        }
+        let hold = match self.plan(addr) {
+            Plan::Plain => return Ok((TcpStream::connect(addr).await?, None)),
+            Plan::Watch => {
+                let watch = Watch {
+                    kernel: self.clone(),
+                    backend: addr,
+                    told: AtomicBool::new(false),
+                };
+                return Ok((
+                    TcpStream::connect(addr).await?,
+                    Some(Tracking::Watch(watch)),
+                ));
+            }
+            Plan::Publish(hold) => hold,
+        };
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
         if addr.ip().is_unspecified() || !bind_if_local(&socket, addr)? {
+            self.remote(addr);
+            drop(hold);
             return Ok((socket.connect(addr).await?, None));
         }
-        let lease = match self.publish(client, &socket, addr) {
+        let lease = match self.publish(client, &socket, addr, hold) {
             Ok(lease) => Some(Tracking::Lease(lease)),
             Err(e) => {
                 // Expected now and then: a client that already sent its FIN
@@ -272,6 +396,7 @@ impl Kernel {
         client: &TcpStream,
         outgoing: &TcpSocket,
         backend: SocketAddr,
+        hold: Option<Hold>,
     ) -> Result<Lease, EbpfError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (client_key, backend_key) = (2 * id, 2 * id + 1);
@@ -289,6 +414,7 @@ impl Kernel {
             small: AtomicU32::new(0),
             released: AtomicBool::new(false),
             progress: Mutex::new(Progress::default()),
+            hold: Mutex::new(hold),
         };
         self.programs
             .publish(cookie, Pending::new(backend_key, client_key, client_cookie))?;
@@ -361,12 +487,15 @@ fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
 impl Lease {
     /// Tells the kernel how many bytes mux itself has written to the client
     /// in all (the backend's sends that went the normal way), so that it
-    /// can resume redirecting once they are all out.
-    fn delivered(&self, total: u64) {
+    /// can resume redirecting once they are all out. Returns how far the
+    /// client had acknowledged, as the kernel last saw it.
+    fn delivered(&self, total: u64) -> Option<u64> {
         self.opened.store(true, Ordering::Relaxed);
-        if let Err(e) = self.kernel.programs.delivered(self.client_cookie, total) {
-            log::debug!("kernel path: updating delivered bytes: {e:#}");
-        }
+        self.kernel
+            .programs
+            .delivered(self.client_cookie, total)
+            .inspect_err(|e| log::debug!("kernel path: updating delivered bytes: {e:#}"))
+            .ok()
     }
 
     /// mux gave the client bytes of the backend's, `total` in all; `bulk`
@@ -378,9 +507,9 @@ impl Lease {
             return;
         }
         if bulk {
-            self.delivered(total);
-            if self.kernel.backends.is_some() {
-                self.check(total);
+            let acked = self.delivered(total);
+            if self.kernel.learned.is_some() {
+                self.check(total, acked);
             }
         } else if self.small.fetch_add(1, Ordering::Relaxed) + 1 == SMALL_DRAINS {
             self.released.store(true, Ordering::Relaxed);
@@ -398,11 +527,17 @@ impl Lease {
     /// kernel can take a connection back; until then each of its sends
     /// goes through the sockmap's slower path for nothing (eight such
     /// downloads ran 8% below splice here; withdrawn, they run as fast).
-    fn check(&self, total: u64) {
+    ///
+    /// A connection whose client's ACKs the kernel does not follow leaves
+    /// at once (`acked` is what the kernel saw of them).
+    fn check(&self, total: u64, acked: Option<u64>) {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if total < p.next_check {
             return;
         }
+        // The first check comes with the delivery that opened the kernel
+        // path: the client may not have acknowledged anything yet.
+        let first = p.next_check == 0;
         p.next_check = total + CHECK_EVERY;
         let moved = match self.kernel.programs.moved(self.cookie) {
             Ok(Some(moved)) => moved,
@@ -412,6 +547,20 @@ impl Lease {
                 return;
             }
         };
+        if !first && moved > 0 && acked == Some(0) {
+            // The client completed its handshake while the sock_ops
+            // program was off (see `Kernel::release`), so it has no ACK
+            // callbacks: to the kernel it never acknowledges, and once its
+            // window is full every send spills for good. mux delivered
+            // `CHECK_EVERY` bytes since the kernel took some: a followed
+            // client would have acknowledged by now.
+            self.leave(&mut p);
+            log::info!(
+                "kernel path: a connection to {} left it: its client connected while the kernel path was idle, so the kernel does not see its ACKs; splicing it from now on",
+                self.backend
+            );
+            return;
+        }
         if moved > p.kernel_moved {
             p.kernel_moved = moved;
             p.since = total;
@@ -427,17 +576,23 @@ impl Lease {
         if p.stuck && self.kernel.stuck.load(Ordering::Relaxed) >= 2 {
             p.stuck = false;
             self.kernel.stuck.fetch_sub(1, Ordering::Relaxed);
-            self.released.store(true, Ordering::Relaxed);
-            // `finish` skips a released lease: what auto learns of the
-            // backend (it sends in bulk) is said here.
-            self.kernel.ended(self.backend, true);
-            p.left = self.withdraw();
+            self.leave(&mut p);
             log::info!(
                 "kernel path: a connection to {} left it after {} bytes went through mux in a row while others were stuck too; splicing it from now on",
                 self.backend,
                 total - p.since
             );
         }
+    }
+
+    /// Takes a connection that sends in bulk off the kernel path for the
+    /// rest of its life.
+    fn leave(&self, p: &mut Progress) {
+        self.released.store(true, Ordering::Relaxed);
+        // `finish` skips a released lease: what auto learns of the
+        // backend (it sends in bulk) is said here.
+        self.kernel.ended(self.backend, true);
+        p.left = self.withdraw();
     }
 
     /// Leaves `Kernel::stuck` if counted there.
@@ -462,7 +617,7 @@ impl Lease {
     }
 
     fn withdraw(&self) -> Option<Withdrawn> {
-        match self.kernel.programs.withdraw(self.cookie) {
+        let withdrawn = match self.kernel.programs.withdraw(self.cookie) {
             Ok(w) => w,
             Err(e) => {
                 log::error!(
@@ -471,7 +626,11 @@ impl Lease {
                 );
                 None
             }
-        }
+        };
+        // Nothing of the connection is left in the kernel's maps: the
+        // sock_ops program may come off (see `Kernel::release`).
+        drop(self.hold.lock().unwrap_or_else(|e| e.into_inner()).take());
+        withdrawn
     }
 }
 

@@ -4,13 +4,17 @@
 //! as long as the [`KernelPrograms`] value, so a crashed or stopped mux
 //! leaves nothing behind in the kernel.
 
-use std::{fs::File, os::fd::AsFd as _, path::PathBuf};
+use std::{
+    fs::File,
+    os::fd::{AsFd as _, OwnedFd},
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, SkMsg, SockOps},
-    util::KernelVersion,
+    programs::{SkMsg, SockOps},
 };
 use mux_common::{
     Capture, Client, Flow, GLOBAL_TCP_WRITE_SEQ, ListenKey, MAP_CLIENT_SOCK, MAP_CLIENTS,
@@ -30,15 +34,15 @@ pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 /// mux's programs, loaded and attached, with typed handles on their maps.
 ///
 /// The sock_ops program is attached to the root of the cgroup v2 hierarchy
-/// (so it sees every TCP socket, whatever cgroup its process is in) in multi
-/// mode: programs other tools attached there keep running, and sub-cgroups
-/// may still attach their own (see `attach_mode`).
+/// (so it sees every TCP socket, whatever cgroup its process is in) through
+/// a bpf_link (kernel 5.7+). Cgroup links always attach in multi mode:
+/// programs other tools attached there keep running, and sub-cgroups may
+/// still attach their own.
 ///
-/// Dropping the value detaches and unloads everything: the attachment is a
-/// bpf_link (kernel 5.7+) whose only file descriptor aya owns inside
-/// `Ebpf`; closing it detaches the program, and closing the program's last
-/// fd unloads it. The privileged test checks that the program id and its
-/// link disappear from the kernel after the drop.
+/// Dropping the value detaches and unloads everything: mux owns the link's
+/// only file descriptor, and closing it detaches the program; closing the
+/// program's last fd unloads it. The privileged test checks that the
+/// program id and its link disappear from the kernel after the drop.
 ///
 /// The sk_msg program is attached to `MUX_SOCKS` itself; that attachment
 /// lives as long as the map, so it goes away with the value too.
@@ -63,6 +67,7 @@ pub struct KernelPrograms {
     pub(super) stats: PerCpuArray<MapData, u64>,
     program_ids: Vec<u32>,
     cgroup: PathBuf,
+    sock_ops: SockOpsAttachment,
     // Owns the programs and their links; kept last so that it is dropped
     // after the map handles (the order does not matter to the kernel, which
     // keeps maps alive while a program uses them, but it reads naturally).
@@ -103,11 +108,16 @@ impl KernelPrograms {
             source,
         };
         sock_ops.load().map_err(program_error)?;
-        // The link id is not kept: the link stays owned by `sock_ops` (hence
-        // by `ebpf`) and goes away with it.
-        let _link = sock_ops
-            .attach(&cgroup_dir, attach_mode())
-            .map_err(program_error)?;
+        // A descriptor of our own for the program, so that it can be
+        // attached again after `detach_sock_ops` without `&mut Ebpf`.
+        let sock_ops_fd = sock_ops
+            .fd()
+            .map_err(program_error)?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| program_error(aya::programs::ProgramError::IOError(e)))?;
+        let link = sys::attach_sock_ops(cgroup_dir.as_fd(), sock_ops_fd.as_fd())
+            .map_err(|e| program_error(aya::programs::ProgramError::IOError(e)))?;
         let mut program_ids = vec![sock_ops.info().map_err(program_error)?.id()];
 
         let mut take = |name: &'static str| {
@@ -184,6 +194,11 @@ impl KernelPrograms {
             stats,
             program_ids,
             cgroup,
+            sock_ops: SockOpsAttachment {
+                program: sock_ops_fd,
+                cgroup: cgroup_dir,
+                link: Mutex::new(Some(link)),
+            },
             _ebpf: ebpf,
         })
     }
@@ -197,6 +212,55 @@ impl KernelPrograms {
     /// The cgroup v2 directory the programs are attached to.
     pub fn cgroup(&self) -> &std::path::Path {
         &self.cgroup
+    }
+
+    /// Attaches the sock_ops program again after [`Self::detach_sock_ops`];
+    /// `Ok(false)` if it was attached already. Needs the privileges
+    /// loading needed.
+    pub fn attach_sock_ops(&self) -> Result<bool, EbpfError> {
+        let mut link = self.sock_ops.link();
+        if link.is_some() {
+            return Ok(false);
+        }
+        let new = sys::attach_sock_ops(self.sock_ops.cgroup.as_fd(), self.sock_ops.program.as_fd())
+            .map_err(|e| EbpfError::Program {
+                name: PROG_SOCK_OPS,
+                source: aya::programs::ProgramError::IOError(e),
+            })?;
+        *link = Some(new);
+        Ok(true)
+    }
+
+    /// Takes the sock_ops program off the cgroup (the program stays
+    /// loaded); `false` if it was not attached. From then on no new
+    /// connection is captured, and client sockets that complete their
+    /// handshake get no ACK callbacks, for good.
+    pub fn detach_sock_ops(&self) -> bool {
+        // Closing the link's only descriptor detaches the program.
+        self.sock_ops.link().take().is_some()
+    }
+
+    /// Whether the sock_ops program is attached now.
+    pub fn sock_ops_attached(&self) -> bool {
+        self.sock_ops.link().is_some()
+    }
+}
+
+/// The sock_ops program's cgroup attachment, which `auto` drops while no
+/// connection would use it: attached, the program runs at some 19 socket
+/// events of every TCP connection on the machine (4 sockets per proxied
+/// one), which cost short connections 4-5% of their rate.
+struct SockOpsAttachment {
+    program: OwnedFd,
+    cgroup: File,
+    /// The bpf_link, when attached (a link so that closing it detaches
+    /// exactly this attachment, and a crashed mux leaves none behind).
+    link: Mutex<Option<OwnedFd>>,
+}
+
+impl SockOpsAttachment {
+    fn link(&self) -> MutexGuard<'_, Option<OwnedFd>> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -237,20 +301,6 @@ fn check_sizes(
         return Err(mismatch(value, info.value_size() as usize));
     }
     Ok(())
-}
-
-/// The attach mode that shares the cgroup with other programs.
-///
-/// On 5.7+ aya attaches through `bpf_link_create`, and the kernel rejects
-/// any flag there (EINVAL for `BPF_F_ALLOW_MULTI`): cgroup links are always
-/// attached in multi mode, so `Single` (no flag) is the sharing mode. Older
-/// kernels take aya's `BPF_PROG_ATTACH` path, where `AllowMultiple` is what
-/// keeps other programs in place. aya decides with the same version check.
-fn attach_mode() -> CgroupAttachMode {
-    match KernelVersion::current() {
-        Ok(version) if version >= KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
-        _ => CgroupAttachMode::AllowMultiple,
-    }
 }
 
 impl std::fmt::Debug for KernelPrograms {

@@ -89,16 +89,19 @@ impl KernelPrograms {
     /// The first call also opens the kernel path for the connection (see
     /// `mux_common::Client::open`). Read-modify-write: a concurrent ACK
     /// update may be lost, which only makes the kernel's estimate of the
-    /// client's queue larger (safe).
-    pub fn delivered(&self, client_cookie: u64, total: u64) -> Result<(), EbpfError> {
+    /// client's queue larger (safe). Returns how far the client had
+    /// acknowledged, as the kernel last saw it.
+    pub fn delivered(&self, client_cookie: u64, total: u64) -> Result<u64, EbpfError> {
         let clients = self.clients.fd().as_fd();
         let mut client: Client = sys::get(clients, &client_cookie)
             .map_err(map_error(MAP_CLIENTS))?
             .unwrap_or_default();
+        let acked = client.acked;
         client.delivered = total;
         client.cookie = client_cookie;
         client.open = 1;
-        sys::put(clients, &client_cookie, &client, BPF_ANY).map_err(map_error(MAP_CLIENTS))
+        sys::put(clients, &client_cookie, &client, BPF_ANY).map_err(map_error(MAP_CLIENTS))?;
+        Ok(acked)
     }
 
     /// Registers one of mux's listening ports (in the namespace

@@ -2,11 +2,12 @@
 //! handles want `&mut self`, yet every connection task needs the maps), the
 //! maps aya cannot type (`MUX_SOCKS`, `MUX_CLIENT_SOCK`: aya's `SockHash` insists on 4-byte
 //! values, and with those the kernel answers no lookup, see
-//! `mux_common::MAP_SOCKS_VALUE_SIZE`), and attaching sk_msg to the first.
+//! `mux_common::MAP_SOCKS_VALUE_SIZE`), attaching sk_msg to the first, and
+//! attaching sock_ops through a link that mux can close and create again.
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
 };
 
 // enum bpf_cmd in <linux/bpf.h>; stable ABI.
@@ -16,7 +17,9 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_LINK_CREATE: libc::c_long = 28;
 /// enum bpf_attach_type in <linux/bpf.h>.
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_SK_MSG_VERDICT: u32 = 7;
 
 /// The part of `union bpf_attr` the `BPF_MAP_*_ELEM` commands read: `key`,
@@ -44,6 +47,12 @@ fn bpf(cmd: libc::c_long, map: BorrowedFd<'_>, key: u64, value: u64, flags: u64)
 
 /// `bpf(cmd, attr, sizeof attr)`.
 fn syscall<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    call(cmd, attr).map(drop)
+}
+
+/// `bpf(cmd, attr, sizeof attr)`, and what it returned (a new descriptor
+/// for the commands that create one).
+fn call<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix whose size
     // is passed along; the pointers in it are valid for the call (callers
     // pass addresses of live values of the sizes the map was created with).
@@ -58,7 +67,7 @@ fn syscall<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(rc)
     }
 }
 
@@ -81,6 +90,33 @@ pub(super) fn attach_sk_msg(map: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io:
         replace_bpf_fd: 0,
     };
     syscall(BPF_PROG_ATTACH, &mut attr)
+}
+
+/// Attaches a sock_ops program to a cgroup through a bpf_link: the returned
+/// descriptor is the attachment, and closing it detaches the program. The
+/// kernel takes no flags here: cgroup links always share the cgroup with
+/// other programs (multi mode).
+pub(super) fn attach_sock_ops(
+    cgroup: BorrowedFd<'_>,
+    program: BorrowedFd<'_>,
+) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct LinkAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let mut attr = LinkAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        flags: 0,
+    };
+    let fd = call(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: on success the kernel returned a new descriptor that nothing
+    // else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// The value under `key` of a map whose keys are `K` and values `V`.

@@ -128,6 +128,19 @@ async fn maps_drain(mux: &Mux) -> usize {
     }
 }
 
+/// How many sock_ops attachments (cgroup links of that attach type) mux
+/// holds, from the descriptors in `/proc/PID/fdinfo`.
+fn sock_ops_links(mux: &Mux) -> usize {
+    const BPF_CGROUP_SOCK_OPS: &str = "attach_type:\t3";
+    std::fs::read_dir(format!("/proc/{}/fdinfo", mux.pid()))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter(|info| {
+            info.contains("link_type:\tcgroup") && info.lines().any(|l| l == BPF_CGROUP_SOCK_OPS)
+        })
+        .count()
+}
+
 /// TCP socket memory in use on the machine, in bytes (`/proc/net/sockstat`).
 fn tcp_memory() -> u64 {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
@@ -866,27 +879,37 @@ fn small_exchanges_leave_the_kernel_path() {
 
 /// `auto` runs on the kernel path but stops publishing the connections of a
 /// backend once 64 in a row ended without it sending in bulk: they are then
-/// spliced, which keeps short connections at splice's rate. The first of
-/// those that sees the backend send in bulk brings the kernel path back.
+/// spliced, which keeps short connections at splice's rate, and with no
+/// backend left to publish the sock_ops program comes off the cgroup. The
+/// first connection that sees the backend send in bulk brings the kernel
+/// path back, and the program with the next connection. A client that
+/// connected while the program was off has no ACK callbacks: its download
+/// leaves the kernel path, and arrives whole.
 #[test]
 fn auto_splices_a_backend_that_never_sends_in_bulk() {
     const BULK: u64 = 4 << 20;
+    const LARGE: u64 = 48 << 20;
     let rt = runtime();
     rt.block_on(async {
-        // Echoes a first line, or answers one that asks for bulk with 4 MiB.
+        // Echoes a first line, or answers one that asks for bulk with 4 MiB
+        // (48 MiB for `large`).
         let backend = backend(|mut s| async move {
             let Some(line) = read_line(&mut s).await else {
                 return;
             };
             if line.starts_with(b"SSH-2.0-bulk") {
                 write_stream(&mut s, BULK, 7, false).await;
+            } else if line.starts_with(b"SSH-2.0-large") {
+                write_stream(&mut s, LARGE, 8, false).await;
             } else {
                 let _ = s.write_all(&line).await;
             }
             let _ = s.shutdown().await;
         })
         .await;
-        let mut mux = Mode::Auto.start("", &[("ssh", "ssh", backend)]);
+        // The late client below waits before it sends its first line.
+        let mut mux = Mode::Auto.start("classify_timeout = \"30s\"", &[("ssh", "ssh", backend)]);
+        assert_eq!(sock_ops_links(&mux), 1, "sock_ops attached at start");
         // One connection: a line and its echo (or the 4 MiB); returns the
         // connection's log line.
         async fn one(mux: &mut Mux, bulk: bool) -> String {
@@ -916,26 +939,49 @@ fn auto_splices_a_backend_that_never_sends_in_bulk() {
             let line = one(&mut mux, false).await;
             assert!(line.contains("datapath=ebpf"), "connection {i}: {line}");
         }
-        // The back-off: the next connections are spliced, and the first
-        // that sees bulk brings the kernel path back.
-        let steps = [
-            ("the last 64 connections to", false, "datapath=splice"),
-            ("", true, "datapath=splice"),
-            (
-                "sends in bulk; its next connections go through the kernel",
-                false,
-                "datapath=ebpf",
-            ),
-        ];
-        for (said, bulk, path) in steps {
-            if !said.is_empty() {
-                mux.wait_log_async(said, Duration::from_secs(5))
-                    .await
-                    .unwrap();
-            }
-            let line = one(&mut mux, bulk).await;
-            assert!(line.contains(path), "{line}");
-        }
+        // The back-off: the next connections are spliced, without sock_ops.
+        mux.wait_log_async("the last 64 connections to", Duration::from_secs(5))
+            .await
+            .unwrap();
+        mux.wait_log_async("sock_ops detached", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(sock_ops_links(&mux), 0, "sock_ops still attached");
+        let line = one(&mut mux, false).await;
+        assert!(line.contains("datapath=splice"), "{line}");
+        // Connects now, while the program is off, and asks later.
+        let mut late = TcpStream::connect(mux.addr).await.unwrap();
+        // The first connection that sees bulk brings the kernel path back,
+        // and the next one the program.
+        let line = one(&mut mux, true).await;
+        assert!(line.contains("datapath=splice"), "{line}");
+        mux.wait_log_async(
+            "sends in bulk; its next connections go through the kernel",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let line = one(&mut mux, false).await;
+        assert!(line.contains("datapath=ebpf"), "{line}");
+        mux.wait_log_async("sock_ops attached again", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(sock_ops_links(&mux), 1, "sock_ops not attached again");
+        // The late client is published like any other, but the kernel
+        // never sees it acknowledge: its download must leave the kernel
+        // path rather than spill to the end.
+        late.write_all(b"SSH-2.0-large\r\n").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(30), read_hash(&mut late))
+            .await
+            .unwrap();
+        assert_eq!(got, (LARGE, stream_sha256(LARGE, 8)));
+        mux.wait_log_async(
+            "its client connected while the kernel path was idle",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        drop(late);
         assert_eq!(maps_drain(&mux).await, 0, "map entries left");
     });
 }

@@ -138,6 +138,9 @@ fn exchange(mux_side: &TcpStream, client: &mut TcpStream) {
 /// `listen`, played by hand: what mux does, step by step.
 fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     let programs = load();
+    // Another mux on the machine, idle: its programs run at every callback
+    // of this one's sockets too, and must leave them alone.
+    let other_mux = load();
     let ids = programs.program_ids().to_vec();
     assert_eq!(ids.len(), 2, "two programs: sock_ops and sk_msg");
     for id in &ids {
@@ -291,8 +294,26 @@ fn connection_cycle(local: IpAddr, listen: SocketAddr, base_key: u64) {
     }
     assert_eq!(acks_unwatched(), 2, "a client never published");
 
+    // `auto` takes sock_ops off the cgroup while no connection needs it and
+    // puts it back later: the program stays loaded, one link at most.
+    assert!(programs.detach_sock_ops(), "was attached");
+    assert!(!programs.detach_sock_ops(), "detached twice");
+    assert!(
+        eventually(|| links_of(ids[0]).is_empty()),
+        "sock_ops still linked after detaching"
+    );
+    assert!(loaded_program_ids().contains(&ids[0]), "unloaded on detach");
+    assert!(programs.attach_sock_ops().unwrap(), "was detached");
+    assert!(!programs.attach_sock_ops().unwrap(), "attached twice");
+    assert_eq!(links_of(ids[0]).len(), 1, "one link after attaching again");
+    assert_eq!(
+        other_mux.stats().unwrap(),
+        Stats::default(),
+        "another mux's programs acted on this one's connections"
+    );
+
     // Dropping KernelPrograms detaches and unloads: the programs and the
-    // cgroup link leave the kernel's lists.
+    // cgroup link leave the kernel's lists (the link made again included).
     drop(programs);
     assert!(
         eventually(
