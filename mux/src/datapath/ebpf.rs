@@ -93,15 +93,14 @@ struct Habit {
     remote: bool,
 }
 
-/// What `dial` does with a connection.
+/// What `dial` does with a connection, as far as `auto` learned.
 enum Plan {
-    /// A plain connection: forced off, or a backend on another host.
+    /// A plain connection: a backend on another host.
     Plain,
     /// A plain connection that tells `auto` if the backend sends in bulk.
     Watch,
-    /// Published if the backend is on this host; the hold (`auto` only)
-    /// keeps the sock_ops program attached until the lease is withdrawn.
-    Publish(Option<Hold>),
+    /// Published if the backend is on this host.
+    Publish,
 }
 
 /// One publication counted in [`Learned::live`]; dropping it uncounts it.
@@ -222,18 +221,28 @@ impl Kernel {
         }
     }
 
-    /// What to do with a connection to `backend`. For one `auto` may
-    /// publish, the sock_ops program is attached first if it is not (see
-    /// [`Kernel::release`]).
-    fn plan(self: &Arc<Self>, backend: SocketAddr) -> Plan {
-        let Some(mut learned) = self.learned() else {
-            return Plan::Publish(None);
+    /// What to do with a connection to `backend`, as far as `auto` knows
+    /// (whether it is on this host is found out by `dial`).
+    fn plan(&self, backend: SocketAddr) -> Plan {
+        let Some(learned) = self.learned() else {
+            return Plan::Publish;
         };
         match learned.backends.get(&backend) {
-            Some(habit) if habit.skipping => return Plan::Watch,
-            Some(habit) if habit.remote => return Plan::Plain,
-            _ => {}
+            Some(habit) if habit.skipping => Plan::Watch,
+            Some(habit) if habit.remote => Plan::Plain,
+            _ => Plan::Publish,
         }
+    }
+
+    /// Counts a publication to `backend`, a backend on this host, and
+    /// attaches the sock_ops program first if it is off (see
+    /// [`Kernel::release`]). `Ok(None)` for forced `ebpf`, which keeps the
+    /// program attached and counts nothing; `Err` if the program cannot be
+    /// attached again, which turns the kernel path off.
+    fn hold(self: &Arc<Self>, backend: SocketAddr) -> Result<Option<Hold>, ()> {
+        let Some(mut learned) = self.learned() else {
+            return Ok(None);
+        };
         match self.programs.attach_sock_ops() {
             Ok(false) => {}
             Ok(true) => {
@@ -245,7 +254,7 @@ impl Kernel {
                 log::warn!(
                     "kernel path: off, sock_ops cannot be attached again ({e:#}); splicing every connection"
                 );
-                return Plan::Plain;
+                return Err(());
             }
         }
         // Known from now on, so that the program stays attached for it.
@@ -253,22 +262,27 @@ impl Kernel {
             learned.backends.entry(backend).or_default();
         }
         learned.live += 1;
-        Plan::Publish(Some(Hold {
+        Ok(Some(Hold {
             kernel: self.clone(),
         }))
     }
 
-    /// A publication was withdrawn (or never made). When none is left and
-    /// no later connection may be published, the sock_ops program comes
-    /// off the cgroup: attached, the kernel runs it at every TCP socket
-    /// event on the machine, 19 per proxied connection (4 sockets), 3.6 us
-    /// of it per connection by `kernel.bpf_stats_enabled`, for every
-    /// process's connections, whether mux publishes them or not.
+    /// A publication was withdrawn (or never made).
     fn release(&self) {
         let Some(mut learned) = self.learned() else {
             return;
         };
         learned.live -= 1;
+        self.settle(&mut learned);
+    }
+
+    /// When no publication is left and no later connection may be
+    /// published, takes the sock_ops program off the cgroup: attached, the
+    /// kernel runs it at every TCP socket event on the machine, 19 per
+    /// proxied connection (4 sockets), 3.6 us of it per connection by
+    /// `kernel.bpf_stats_enabled`, for every process's connections, whether
+    /// mux publishes them or not.
+    fn settle(&self, learned: &mut Learned) {
         if learned.live == 0
             && !learned.keep_attached
             && !learned.may_publish()
@@ -280,13 +294,17 @@ impl Kernel {
         }
     }
 
-    /// `backend` is not an address of this host.
+    /// `backend` is not an address of this host (or is unspecified): its
+    /// connections are dialed plainly from now on.
     fn remote(&self, backend: SocketAddr) {
-        if let Some(mut learned) = self.learned()
-            && let Some(habit) = learned.backends.get_mut(&backend)
-        {
-            habit.remote = true;
+        let Some(mut learned) = self.learned() else {
+            return;
+        };
+        if learned.backends.len() >= TRACKED_BACKENDS && !learned.backends.contains_key(&backend) {
+            return;
         }
+        learned.backends.entry(backend).or_default().remote = true;
+        self.settle(&mut learned);
     }
 
     /// A published connection to `backend` ended; `opened` says whether
@@ -346,7 +364,7 @@ impl Kernel {
         if self.off.load(Ordering::Relaxed) {
             return Ok((TcpStream::connect(addr).await?, None));
         }
-        let hold = match self.plan(addr) {
+        match self.plan(addr) {
             Plan::Plain => return Ok((TcpStream::connect(addr).await?, None)),
             Plan::Watch => {
                 let watch = Watch {
@@ -359,8 +377,8 @@ impl Kernel {
                     Some(Tracking::Watch(watch)),
                 ));
             }
-            Plan::Publish(hold) => hold,
-        };
+            Plan::Publish => {}
+        }
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -368,9 +386,11 @@ impl Kernel {
         };
         if addr.ip().is_unspecified() || !bind_if_local(&socket, addr)? {
             self.remote(addr);
-            drop(hold);
             return Ok((socket.connect(addr).await?, None));
         }
+        let Ok(hold) = self.hold(addr) else {
+            return Ok((socket.connect(addr).await?, None));
+        };
         let lease = match self.publish(client, &socket, addr, hold) {
             Ok(lease) => Some(Tracking::Lease(lease)),
             Err(e) => {

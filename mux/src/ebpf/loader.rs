@@ -68,7 +68,8 @@ pub struct KernelPrograms {
     program_ids: Vec<u32>,
     cgroup: PathBuf,
     sock_ops: SockOpsAttachment,
-    // Owns the programs and their links; kept last so that it is dropped
+    // Owns the programs (sk_msg's attachment goes with MUX_SOCKS, sock_ops'
+    // link is in `sock_ops`); kept last so that it is dropped
     // after the map handles (the order does not matter to the kernel, which
     // keeps maps alive while a program uses them, but it reads naturally).
     _ebpf: Ebpf,
@@ -239,17 +240,11 @@ impl KernelPrograms {
         // Closing the link's only descriptor detaches the program.
         self.sock_ops.link().take().is_some()
     }
-
-    /// Whether the sock_ops program is attached now.
-    pub fn sock_ops_attached(&self) -> bool {
-        self.sock_ops.link().is_some()
-    }
 }
 
 /// The sock_ops program's cgroup attachment, which `auto` drops while no
-/// connection would use it: attached, the program runs at some 19 socket
-/// events of every TCP connection on the machine (4 sockets per proxied
-/// one), which cost short connections 4-5% of their rate.
+/// connection would use it: attached, the program runs at every TCP socket
+/// event on the machine, 19 per proxied connection (4 sockets).
 struct SockOpsAttachment {
     program: OwnedFd,
     cgroup: File,

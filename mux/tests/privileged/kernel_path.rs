@@ -986,6 +986,46 @@ fn auto_splices_a_backend_that_never_sends_in_bulk() {
     });
 }
 
+/// A backend `auto` never publishes (not an address of this host; here the
+/// unspecified address, which connects to this host all the same) lets it
+/// take the sock_ops program off the cgroup after the first connection.
+#[test]
+fn auto_detaches_sock_ops_for_a_backend_it_never_publishes() {
+    let rt = runtime();
+    rt.block_on(async {
+        let echo = echo_backend().await;
+        let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], echo.port()));
+        let mut mux = Mode::Auto.start("", &[("ssh", "ssh", unspecified)]);
+        assert_eq!(sock_ops_links(&mux), 1, "sock_ops attached at start");
+        for i in 0..3 {
+            let mut s = TcpStream::connect(mux.addr).await.unwrap();
+            let peer = s.local_addr().unwrap();
+            let line = format!("SSH-2.0-remote-{i}\r\n");
+            s.write_all(line.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(10), read_hash(&mut s))
+                .await
+                .unwrap();
+            assert_eq!(got, (line.len() as u64, sha256(line.as_bytes())));
+            let logged = mux
+                .wait_log_async(&format!("{peer} ssh "), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(logged.contains("datapath=splice"), "{logged}");
+        }
+        mux.wait_log_async("sock_ops detached", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(sock_ops_links(&mux), 0, "sock_ops still attached");
+        let detached = mux
+            .logs()
+            .iter()
+            .filter(|l| l.contains("sock_ops detached"))
+            .count();
+        assert_eq!(detached, 1, "detached more than once");
+    });
+}
+
 /// A download that outran its client spills through mux; once the backend
 /// pauses and mux has delivered what spilled, the kernel takes the next
 /// download again. Phase 1: 16 MiB that the client does not read for a
