@@ -78,6 +78,15 @@ impl Learned {
             || self.backends.len() >= TRACKED_BACKENDS
             || self.backends.values().any(|h| !h.skipping && !h.remote)
     }
+
+    /// What is known of `backend`, made known if there is room for it
+    /// (past [`TRACKED_BACKENDS`], new backends are not followed).
+    fn habit(&mut self, backend: SocketAddr) -> Option<&mut Habit> {
+        if self.backends.len() >= TRACKED_BACKENDS && !self.backends.contains_key(&backend) {
+            return None;
+        }
+        Some(self.backends.entry(backend).or_default())
+    }
 }
 
 /// What `auto` learned of one backend.
@@ -258,9 +267,7 @@ impl Kernel {
             }
         }
         // Known from now on, so that the program stays attached for it.
-        if learned.backends.len() < TRACKED_BACKENDS {
-            learned.backends.entry(backend).or_default();
-        }
+        learned.habit(backend);
         learned.live += 1;
         Ok(Some(Hold {
             kernel: self.clone(),
@@ -300,11 +307,10 @@ impl Kernel {
         let Some(mut learned) = self.learned() else {
             return;
         };
-        if learned.backends.len() >= TRACKED_BACKENDS && !learned.backends.contains_key(&backend) {
-            return;
+        if let Some(habit) = learned.habit(backend) {
+            habit.remote = true;
+            self.settle(&mut learned);
         }
-        learned.backends.entry(backend).or_default().remote = true;
-        self.settle(&mut learned);
     }
 
     /// A published connection to `backend` ended; `opened` says whether
@@ -313,17 +319,15 @@ impl Kernel {
         let Some(mut learned) = self.learned() else {
             return;
         };
-        let backends = &mut learned.backends;
         if opened {
-            if let Some(habit) = backends.get_mut(&backend) {
+            if let Some(habit) = learned.backends.get_mut(&backend) {
                 habit.idle_run = 0;
             }
             return;
         }
-        if backends.len() >= TRACKED_BACKENDS && !backends.contains_key(&backend) {
+        let Some(habit) = learned.habit(backend) else {
             return;
-        }
-        let habit = backends.entry(backend).or_default();
+        };
         habit.idle_run += 1;
         if habit.idle_run >= IDLE_RUN && !habit.skipping {
             habit.skipping = true;
