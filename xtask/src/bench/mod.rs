@@ -1,7 +1,9 @@
-//! `cargo xtask bench`: mux against direct, sslh, HAProxy and Caddy on loopback, for bulk
-//! throughput, request-response latency, connection rate, memory per connection and HTTP;
-//! medians of repetitions, written as Markdown, JSON and SVG charts.
+//! `cargo xtask bench`: mux against direct, sslh, HAProxy and Caddy on loopback (and, for bulk
+//! throughput, also to a client across a veth), for bulk throughput, request-response latency,
+//! connection rate, memory per connection and HTTP; medians of repetitions, written as
+//! Markdown, JSON and SVG charts.
 
+mod netns;
 pub(crate) mod peers;
 mod procfs;
 mod report;
@@ -17,7 +19,7 @@ use indicatif::MultiProgress;
 use serde::Serialize;
 
 use crate::setup::{self, Purpose};
-use crate::util::{probe, run, say, secs, workspace};
+use crate::util::{is_root, probe, run, say, secs, workspace};
 use peers::Bins;
 use report::Report;
 use workloads::{Ctx, Workload};
@@ -128,6 +130,7 @@ pub fn bench(args: &Args) -> Result<ExitCode> {
     let workloads: Vec<Workload> = match args.suite {
         Suite::Datapath => vec![
             Workload::Bulk,
+            Workload::Remote,
             Workload::Rr,
             Workload::Connrate,
             Workload::Memory,
@@ -135,12 +138,22 @@ pub fn bench(args: &Args) -> Result<ExitCode> {
         Suite::Http => vec![Workload::Http],
         Suite::All => vec![
             Workload::Bulk,
+            Workload::Remote,
             Workload::Rr,
             Workload::Connrate,
             Workload::Memory,
             Workload::Http,
         ],
     };
+    // A network namespace needs root; the rest of the run does not.
+    let remote_why = (!is_root()).then_some("needs root (ip netns)");
+    if let Some(why) = remote_why {
+        say("bench", format!("remote workload skipped: {why}"));
+    }
+    let workloads: Vec<Workload> = workloads
+        .into_iter()
+        .filter(|w| *w != Workload::Remote || remote_why.is_none())
+        .collect();
     let suite = match args.suite {
         Suite::Datapath => "datapath",
         Suite::Http => "http",

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -259,9 +259,9 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_listening(proc: &mut Proc, port: u16) -> Result<SocketAddr> {
+fn wait_listening(proc: &mut Proc, addr: SocketAddr) -> Result<SocketAddr> {
     proc.wait_ready(START_TIMEOUT, |_, _| {
-        procfs::listening(port).then(|| SocketAddr::from(([127, 0, 0, 1], port)))
+        procfs::listening(addr.port()).then_some(addr)
     })
 }
 
@@ -342,14 +342,15 @@ impl Running {
     }
 }
 
-/// Starts `system` with `routes`; its config file and logs go in `dir`, named `{tag}-{system}`.
-/// Err says why it cannot run here, in words fit for a table cell.
+/// Starts `system` with `routes`, listening on `host`; its config file and logs go in `dir`,
+/// named `{tag}-{system}`. Err says why it cannot run here, in words fit for a table cell.
 pub fn start(
     dir: &Path,
     bins: &Bins,
     system: System,
     routes: Routes,
     tag: &str,
+    host: IpAddr,
 ) -> Result<Running> {
     let name = &format!("{tag}-{}", system.name());
     let (mut proc, addr) = match system {
@@ -364,7 +365,7 @@ pub fn start(
             if dp == Datapath::Ebpf && !is_root() {
                 bail!("n/a (needs root)");
             }
-            let config = write(dir, &format!("{name}.toml"), &mux_config(dp, routes))?;
+            let config = write(dir, &format!("{name}.toml"), &mux_config(dp, routes, host))?;
             let mut proc = Proc::spawn(
                 dir,
                 name,
@@ -383,7 +384,7 @@ pub fn start(
             };
             let mut cmd = Command::new(program);
             // -f: stay in the foreground (and in our process group); -n: no DNS lookups.
-            cmd.args(["-f", "-n", "-p", &format!("127.0.0.1:{port}")]);
+            cmd.args(["-f", "-n", "-p", &SocketAddr::new(host, port).to_string()]);
             match routes {
                 Routes::Any(b) => cmd.arg("--anyprot").arg(b.to_string()),
                 Routes::SshHttp { ssh, http } => cmd
@@ -394,7 +395,7 @@ pub fn start(
                 Routes::HttpPaths { main, .. } => cmd.arg("--http").arg(main.to_string()),
             };
             let mut proc = Proc::spawn(dir, name, &mut cmd, false)?;
-            let addr = wait_listening(&mut proc, port)?;
+            let addr = wait_listening(&mut proc, SocketAddr::new(host, port))?;
             (proc, addr)
         }
         System::HaproxyTcp | System::HaproxyHttp => {
@@ -402,7 +403,7 @@ pub fn start(
             let config = write(
                 dir,
                 &format!("{name}.cfg"),
-                &haproxy_config(system, port, routes),
+                &haproxy_config(system, SocketAddr::new(host, port), routes),
             )?;
             // -db: foreground, no daemon; it then stays in our process group.
             let mut proc = Proc::spawn(
@@ -411,7 +412,7 @@ pub fn start(
                 Command::new("haproxy").arg("-f").arg(config).arg("-db"),
                 false,
             )?;
-            let addr = wait_listening(&mut proc, port)?;
+            let addr = wait_listening(&mut proc, SocketAddr::new(host, port))?;
             (proc, addr)
         }
         System::Caddy => {
@@ -438,7 +439,7 @@ pub fn start(
                     .env("XDG_CONFIG_HOME", home.join("config")),
                 false,
             )?;
-            let addr = wait_listening(&mut proc, port)?;
+            let addr = wait_listening(&mut proc, SocketAddr::from(([127, 0, 0, 1], port)))?;
             (proc, addr)
         }
     };
@@ -460,7 +461,7 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn mux_config(dp: Datapath, routes: Routes) -> String {
+fn mux_config(dp: Datapath, routes: Routes, host: IpAddr) -> String {
     let datapath = match dp {
         Datapath::Auto => "auto",
         Datapath::Ebpf => "ebpf",
@@ -483,10 +484,11 @@ fn mux_config(dp: Datapath, routes: Routes) -> String {
             ) + &route("http", "http", main)
         }
     };
-    format!("listen = \"127.0.0.1:0\"\ndatapath = \"{datapath}\"\n{routes}")
+    let listen = SocketAddr::new(host, 0);
+    format!("listen = \"{listen}\"\ndatapath = \"{datapath}\"\n{routes}")
 }
 
-fn haproxy_config(system: System, port: u16, routes: Routes) -> String {
+fn haproxy_config(system: System, bind: SocketAddr, routes: Routes) -> String {
     let mode = if system == System::HaproxyHttp {
         "http"
     } else {
@@ -500,7 +502,7 @@ fn haproxy_config(system: System, port: u16, routes: Routes) -> String {
     if mode == "tcp" {
         cfg.push_str("    option splice-auto\n");
     }
-    cfg.push_str(&format!("\nfrontend fe\n    bind 127.0.0.1:{port}\n"));
+    cfg.push_str(&format!("\nfrontend fe\n    bind {bind}\n"));
     let backends = match routes {
         Routes::Any(b) => {
             cfg.push_str("    default_backend main\n");
@@ -572,16 +574,16 @@ pub fn backend(dir: &Path, bins: &Bins, name: &str, mode: &[&str]) -> Result<Bac
     Ok(Backend { addr, _proc: proc })
 }
 
-/// `iperf3 -s`, bound to loopback.
-pub fn iperf_server(dir: &Path, name: &str) -> Result<Backend> {
+/// `iperf3 -s`, bound to `host`.
+pub fn iperf_server(dir: &Path, name: &str, host: IpAddr) -> Result<Backend> {
     let port = free_port()?;
     let mut proc = Proc::spawn(
         dir,
         name,
-        Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]),
+        Command::new("iperf3").args(["-s", "-B", &host.to_string(), "-p", &port.to_string()]),
         false,
     )?;
-    let addr = wait_listening(&mut proc, port)?;
+    let addr = wait_listening(&mut proc, SocketAddr::new(host, port))?;
     Ok(Backend { addr, _proc: proc })
 }
 
@@ -607,7 +609,12 @@ mod tests {
     fn mux_gets_the_path_routes() {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        let cfg = mux_config(Datapath::Splice, Routes::HttpPaths { main: a, embed: b });
+        let host = "198.18.231.1".parse().unwrap();
+        let cfg = mux_config(
+            Datapath::Splice,
+            Routes::HttpPaths { main: a, embed: b },
+            host,
+        );
         let embed = cfg.find("backend = \"127.0.0.1:2\"").unwrap();
         let main = cfg.find("backend = \"127.0.0.1:1\"").unwrap();
         assert!(
@@ -619,15 +626,17 @@ mod tests {
                 && cfg.contains("strip_prefix = true")
         );
         assert!(cfg.contains("datapath = \"splice\""));
+        assert!(cfg.starts_with("listen = \"198.18.231.1:0\"\n"));
     }
 
     #[test]
     fn haproxy_strips_the_prefix_in_the_backend() {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let bind = "127.0.0.1:9".parse().unwrap();
         let cfg = haproxy_config(
             System::HaproxyHttp,
-            9,
+            bind,
             Routes::HttpPaths { main: a, embed: b },
         );
         let embed = cfg.split("\nbackend embed\n").nth(1).unwrap();
@@ -636,7 +645,8 @@ mod tests {
         assert!(!cfg.contains("splice"));
         assert!(cfg.contains("\n    option forwardfor\n"));
         assert!(cfg.contains("\n    http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"));
-        assert!(haproxy_config(System::HaproxyTcp, 9, Routes::Any(a)).contains("splice-auto"));
+        assert!(cfg.contains("\n    bind 127.0.0.1:9\n"));
+        assert!(haproxy_config(System::HaproxyTcp, bind, Routes::Any(a)).contains("splice-auto"));
     }
 
     #[test]

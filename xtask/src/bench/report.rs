@@ -336,6 +336,12 @@ const CHARTS: &[ChartSpec] = &[
         metrics: &["gbps"],
     },
     ChartSpec {
+        name: "remote",
+        section: "remote",
+        title: "Bulk throughput to a client across a veth, Gbit/s (higher is better)",
+        metrics: &["gbps"],
+    },
+    ChartSpec {
         name: "bulk-cpu",
         section: "bulk",
         title: "Proxy CPU seconds per GB moved (lower is better)",

@@ -1,9 +1,9 @@
 //! The workloads: what each one starts, what it runs per repetition, and what it measures.
 //! Every run is bounded in time (the clients stop themselves, and are killed past a limit)
-//! and talks only to loopback addresses.
+//! and talks only to loopback addresses, or to the network namespace the remote workload makes.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value as Json;
 
 use super::Profile;
+use super::netns::{self, ClientHost};
 use super::peers::{self, Backend, Bins, Datapath, Proc, Routes, Running, System};
 use super::procfs::{self, CpuMeter};
 use super::report::{Metric, Row, Section, Value};
@@ -48,6 +49,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
     Bulk,
+    Remote,
     Rr,
     Connrate,
     Memory,
@@ -56,11 +58,24 @@ pub enum Workload {
 
 #[derive(Debug, Clone, Copy)]
 enum Case {
-    Bulk { download: bool, streams: u32 },
-    Rr { connections: u32 },
-    Connrate { http: bool },
+    Bulk {
+        download: bool,
+        streams: u32,
+    },
+    /// One stream between a client in its own network namespace and the backend here.
+    Remote {
+        download: bool,
+    },
+    Rr {
+        connections: u32,
+    },
+    Connrate {
+        http: bool,
+    },
     Memory,
-    Http { path: &'static str },
+    Http {
+        path: &'static str,
+    },
 }
 
 impl Case {
@@ -71,6 +86,11 @@ impl Case {
                 if download { "download" } else { "upload" },
                 if streams == 1 { "" } else { "s" }
             ),
+            Case::Remote { download } => Case::Bulk {
+                download,
+                streams: 1,
+            }
+            .label(),
             Case::Rr { connections } => format!("{connections} conn"),
             Case::Connrate { http } => (if http { "HTTP" } else { "SSH" }).into(),
             Case::Memory => "idle".into(),
@@ -83,6 +103,7 @@ impl Workload {
     pub fn key(self) -> &'static str {
         match self {
             Workload::Bulk => "bulk",
+            Workload::Remote => "remote",
             Workload::Rr => "rr",
             Workload::Connrate => "connrate",
             Workload::Memory => "memory",
@@ -93,6 +114,9 @@ impl Workload {
     fn title(self) -> &'static str {
         match self {
             Workload::Bulk => "Bulk throughput (iperf3)",
+            Workload::Remote => {
+                "Bulk throughput to a client across a network device (iperf3 over veth)"
+            }
             Workload::Rr => "Request-response, 64-byte round trips (loadgen rr)",
             Workload::Connrate => "Connection rate, 64 concurrent clients (loadgen connrate)",
             Workload::Memory => "Memory per idle relayed connection (loadgen idle)",
@@ -114,6 +138,10 @@ impl Workload {
                 .into_iter()
                 .flat_map(|download| [1, 8].map(|streams| Case::Bulk { download, streams }))
                 .collect(),
+            Workload::Remote => vec![
+                Case::Remote { download: false },
+                Case::Remote { download: true },
+            ],
             Workload::Rr => [1, 16, 64]
                 .map(|connections| Case::Rr { connections })
                 .into(),
@@ -129,7 +157,7 @@ impl Workload {
     fn metrics(self) -> Vec<Metric> {
         let m = Metric::new;
         match self {
-            Workload::Bulk => vec![
+            Workload::Bulk | Workload::Remote => vec![
                 m("gbps", "Gbit/s", false),
                 m("proxy_cpu_s_per_gb", "proxy CPU s/GB", true),
                 m("softirq_s_per_gb", "softirq s/GB", true),
@@ -173,6 +201,14 @@ impl Workload {
                  machine's busy time per GB: client, backend, proxy and kernel together. It is the fair total \
                  for mux-ebpf and mux-auto, whose sk_msg program runs inside the backend's own sends, so that its work is \
                  charged to the backend process rather than to mux.",
+                p.bulk_length
+            ),
+            Workload::Remote => format!(
+                "`iperf3 {}`, one stream, from a client in a network namespace of its own, joined to this \
+                 one by a veth pair: its packets cross a network device, as a remote client's do, instead of \
+                 taking loopback's shortcut. Every system listens on this end of the veth, and the backend \
+                 (`iperf3 -s`) is bound to the same address, so it is still local to the proxy. The CPU \
+                 columns count as in the table above; the veth's work is softirq.",
                 p.bulk_length
             ),
             Workload::Rr => format!(
@@ -221,6 +257,8 @@ pub struct Ctx<'a> {
 struct Backends {
     first: Option<Backend>,
     second: Option<Backend>,
+    /// The remote workload's client host, removed when the workload ends.
+    client: Option<ClientHost>,
 }
 
 /// Runs `workloads` in order. Progress: a line per (workload, system) of the workload under
@@ -340,6 +378,12 @@ fn start_backends(ctx: &Ctx, w: Workload) -> Result<Backends> {
         Workload::Bulk => Backends {
             first: None,
             second: None,
+            client: None,
+        },
+        Workload::Remote => Backends {
+            first: None,
+            second: None,
+            client: Some(ClientHost::create()?),
         },
         Workload::Rr | Workload::Memory => Backends {
             first: Some(peers::backend(
@@ -349,6 +393,7 @@ fn start_backends(ctx: &Ctx, w: Workload) -> Result<Backends> {
                 &["echo"],
             )?),
             second: None,
+            client: None,
         },
         Workload::Connrate => Backends {
             first: Some(peers::backend(dir, bins, "connrate-banner", &["banner"])?),
@@ -358,6 +403,7 @@ fn start_backends(ctx: &Ctx, w: Workload) -> Result<Backends> {
                 "connrate-http",
                 &["http", "--name", "connrate"],
             )?),
+            client: None,
         },
         Workload::Http => Backends {
             first: Some(peers::backend(
@@ -372,6 +418,7 @@ fn start_backends(ctx: &Ctx, w: Workload) -> Result<Backends> {
                 "http-embed",
                 &["http", "--name", "embedding-model"],
             )?),
+            client: None,
         },
     })
 }
@@ -382,7 +429,9 @@ fn addr(b: &Option<Backend>) -> SocketAddr {
 
 fn routes(w: Workload, b: &Backends, iperf: Option<SocketAddr>) -> Routes {
     match w {
-        Workload::Bulk => Routes::Any(iperf.expect("bulk has its iperf3 server")),
+        Workload::Bulk | Workload::Remote => {
+            Routes::Any(iperf.expect("bulk has its iperf3 server"))
+        }
         Workload::Rr | Workload::Memory => Routes::Any(addr(&b.first)),
         Workload::Connrate => Routes::SshHttp {
             ssh: addr(&b.first),
@@ -421,6 +470,10 @@ struct SystemState {
     /// Its iperf3 server (bulk only), kept over all rounds.
     _iperf: Option<Backend>,
     routes: Routes,
+    /// The address it listens on (and its iperf3 server too).
+    host: IpAddr,
+    /// The namespace its clients run in, if not this one.
+    netns: Option<String>,
     /// Per case, in `Workload::cases` order: one entry per repetition run so far.
     reps: Vec<Vec<Vec<Value>>>,
     /// Time spent measuring it, over all rounds.
@@ -429,10 +482,15 @@ struct SystemState {
 
 impl SystemState {
     fn new(ctx: &Ctx, w: Workload, system: System, backends: &Backends) -> Result<SystemState> {
+        let host = backends
+            .client
+            .as_ref()
+            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), ClientHost::host);
         let iperf = match w {
-            Workload::Bulk => Some(peers::iperf_server(
+            Workload::Bulk | Workload::Remote => Some(peers::iperf_server(
                 ctx.dir,
                 &format!("{}-{}-iperf3-server", w.key(), system.name()),
+                host,
             )?),
             _ => None,
         };
@@ -441,6 +499,8 @@ impl SystemState {
             system,
             _iperf: iperf,
             routes,
+            host,
+            netns: backends.client.as_ref().map(|c| c.name.clone()),
             reps: vec![Vec::new(); w.cases().len()],
             seconds: 0.0,
         })
@@ -484,7 +544,14 @@ fn run_case(
         if w == Workload::Memory || !alive {
             // Stop the old one before its successor takes its place.
             drop(running.take());
-            running = Some(peers::start(ctx.dir, ctx.bins, system, routes, w.key()));
+            running = Some(peers::start(
+                ctx.dir,
+                ctx.bins,
+                system,
+                routes,
+                w.key(),
+                state.host,
+            ));
         }
         let r = match running.as_mut().expect("just started") {
             Ok(r) => r,
@@ -494,7 +561,7 @@ fn run_case(
         if rep == 0 && !retried && w == Workload::Http && case.label() == HTTP_PATHS[0] {
             notes.extend(http_answers(r, routes));
         }
-        match measure(ctx, case, r, routes, &name, notes) {
+        match measure(ctx, case, r, routes, state.netns.as_deref(), &name, notes) {
             Ok(v) => break v,
             Err(e) if retried => break failure_cells(&e, metrics)?,
             Err(e) => {
@@ -535,12 +602,13 @@ fn na(e: &anyhow::Error) -> String {
 }
 
 /// One repetition of one case against a running system: the workload's metrics in order.
-/// Direct goes to the backend the routes name for this case.
+/// Direct goes to the backend the routes name for this case. Clients run in `netns` if given.
 fn measure(
     ctx: &Ctx,
     case: Case,
     r: &mut Running,
     routes: Routes,
+    netns: Option<&str>,
     name: &str,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Value>> {
@@ -548,7 +616,12 @@ fn measure(
     let loadgen = || Command::new(&ctx.bins.loadgen);
     match (case, routes) {
         (Case::Bulk { download, streams }, Routes::Any(server)) => {
-            bulk(ctx, r, r.addr.unwrap_or(server), download, streams, name)
+            let to = r.addr.unwrap_or(server);
+            bulk(ctx, r, to, download, streams, None, name)
+        }
+        (Case::Remote { download }, Routes::Any(server)) => {
+            let to = r.addr.unwrap_or(server);
+            bulk(ctx, r, to, download, 1, netns, name)
         }
         (Case::Rr { connections }, Routes::Any(echo)) => {
             let j = client_json(
@@ -646,16 +719,21 @@ fn client_json(
     serde_json::from_str(out.trim()).with_context(|| format!("{name}: not JSON: {out}"))
 }
 
-/// One iperf3 run: [Gbit/s, proxy CPU s/GB, softirq s/GB, all CPU s/GB].
+/// One iperf3 run, its client in `netns` if given: [Gbit/s, proxy CPU s/GB, softirq s/GB,
+/// all CPU s/GB].
 fn bulk(
     ctx: &Ctx,
     r: &mut Running,
     to: SocketAddr,
     download: bool,
     streams: u32,
+    netns: Option<&str>,
     name: &str,
 ) -> Result<Vec<Value>> {
-    let mut cmd = Command::new("iperf3");
+    let mut cmd = match netns {
+        Some(ns) => netns::command_in(ns, "iperf3"),
+        None => Command::new("iperf3"),
+    };
     cmd.args(["-c", &to.ip().to_string(), "-p", &to.port().to_string()])
         .args(ctx.profile.bulk_length.split_whitespace())
         .args(["-J", "--connect-timeout", "3000"])
@@ -930,6 +1008,7 @@ Transfer/sec:      0.95MB
     fn every_workload_has_cases_and_metrics() {
         for w in [
             Workload::Bulk,
+            Workload::Remote,
             Workload::Rr,
             Workload::Connrate,
             Workload::Memory,
@@ -947,5 +1026,6 @@ Transfer/sec:      0.95MB
             .label(),
             "download 8 streams"
         );
+        assert_eq!(Case::Remote { download: false }.label(), "upload 1 stream");
     }
 }
