@@ -55,6 +55,14 @@ pub const REDIRECT_WINDOW: u64 = 4 << 20;
 /// for per-segment overhead. Set with `SO_SNDBUFFORCE`, past
 /// `net.core.wmem_max`.
 pub const CLIENT_SNDBUF: u32 = 4 << 20;
+/// A send at least this large, the backend's first since sock_ops captured
+/// its socket, opens the kernel path at once, without waiting for mux to
+/// see bulk (see [`Client::open`]): with nothing gone the normal way, no
+/// byte can be overtaken. A backend that writes in bulk from its first byte
+/// (a file, a model's weights, iperf3) then never has mux relay any of it,
+/// and mux need not catch up with it before the kernel takes over, which
+/// a backend that never pauses can put off for good.
+pub const OPEN_SEND: u64 = 64 << 10;
 
 /// Name of the `SockHash<u64>` holding the backends' accepted sockets
 /// (inserted by the sock_ops program under [`Pending::backend_key`]), to
@@ -221,8 +229,10 @@ pub struct Capture {
     /// 1 while the backend's sends take the normal path (see
     /// [`REDIRECT_WINDOW`]).
     pub spilling: u32,
-    /// Explicit padding; must be 0.
-    pub _pad: u32,
+    /// Set to 1 by the sk_msg program when the backend's first send was
+    /// [`OPEN_SEND`] or more: the kernel path is open whatever
+    /// [`Client::open`] says.
+    pub opened: u32,
 }
 
 /// A client socket on the kernel path: the value of [`MAP_CLIENTS`], by

@@ -15,7 +15,8 @@
 //! delivered every spilled byte (so none is overtaken: the backend socket's
 //! own `write_seq` says how many there were) and the client has caught up.
 //! Before the backend sends in bulk, every send takes the normal path (see
-//! `mux_common::Client::open`).
+//! `mux_common::Client::open`), unless its very first send is bulk in
+//! itself (`mux_common::OPEN_SEND`).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -26,7 +27,9 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mux_common::{Client, REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED};
+use mux_common::{
+    Client, OPEN_SEND, REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED,
+};
 
 use crate::{
     flow::{Side, SockFields, flow, read_words},
@@ -87,13 +90,21 @@ fn redirect(ctx: &SkMsgContext) {
             spill();
             return;
         }
-        if client.open == 0 {
-            // Not sending in bulk yet (see `Client::open`): mux relays. Once
-            // opened, the resume rule below makes the kernel wait until mux
-            // delivered all of these.
-            (*capture).spilling = 1;
-            spill();
-            return;
+        if client.open == 0 && (*capture).opened == 0 {
+            if size >= OPEN_SEND && normal_path_bytes(md, (*capture).write_seq_base) == Some(0) {
+                // Bulk from the first byte: nothing went through mux, so
+                // nothing can be overtaken; the room rule below applies
+                // from here on.
+                (*capture).opened = 1;
+                (*capture).spilling = 0;
+            } else {
+                // Not sending in bulk yet (see `Client::open`): mux relays.
+                // Once opened, the resume rule below makes the kernel wait
+                // until mux delivered all of these.
+                (*capture).spilling = 1;
+                spill();
+                return;
+            }
         }
         let written = (*capture).down_bytes + client.delivered;
         let outstanding = written.saturating_sub(client.acked);

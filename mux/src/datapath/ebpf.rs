@@ -635,13 +635,26 @@ impl Lease {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             return p.left.take().unwrap_or_default();
         }
-        self.kernel
-            .ended(self.backend, self.opened.load(Ordering::Relaxed));
-        self.withdraw().unwrap_or_default()
+        let withdrawn = self.take_entries().unwrap_or_default();
+        // A backend whose first send was bulk went to the kernel at once
+        // (`mux_common::OPEN_SEND`): mux saw none of it, but it did send
+        // in bulk. Said before the hold goes, whose release settles what
+        // `auto` keeps attached.
+        let bulk = self.opened.load(Ordering::Relaxed) || withdrawn.down_bytes > 0;
+        self.kernel.ended(self.backend, bulk);
+        self.release_hold();
+        withdrawn
     }
 
     fn withdraw(&self) -> Option<Withdrawn> {
-        let withdrawn = match self.kernel.programs.withdraw(self.cookie) {
+        let withdrawn = self.take_entries();
+        self.release_hold();
+        withdrawn
+    }
+
+    /// Deletes the connection's map entries, saying what the kernel did.
+    fn take_entries(&self) -> Option<Withdrawn> {
+        match self.kernel.programs.withdraw(self.cookie) {
             Ok(w) => w,
             Err(e) => {
                 log::error!(
@@ -650,11 +663,13 @@ impl Lease {
                 );
                 None
             }
-        };
-        // Nothing of the connection is left in the kernel's maps: the
-        // sock_ops program may come off (see `Kernel::release`).
+        }
+    }
+
+    /// Nothing of the connection is left in the kernel's maps: the sock_ops
+    /// program may come off (see `Kernel::release`).
+    fn release_hold(&self) {
         drop(self.hold.lock().unwrap_or_else(|e| e.into_inner()).take());
-        withdrawn
     }
 }
 

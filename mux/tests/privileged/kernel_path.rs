@@ -1099,6 +1099,65 @@ fn the_kernel_path_resumes_after_a_spill() {
     });
 }
 
+/// A backend whose first send is bulk in itself (64 KiB or more) goes to
+/// the kernel from its first byte, in `auto` as in forced `ebpf`: nothing
+/// of a 2 MiB download (under the redirect window, so nothing needs to
+/// spill) goes through mux. And the backend's captured socket has
+/// `TCP_NOTSENT_LOWAT` 1, which bounds what a spill can queue behind mux.
+#[test]
+fn a_backend_bulk_from_its_first_send_goes_to_the_kernel_at_once() {
+    const TOTAL: u64 = 2 << 20;
+    let rt = runtime();
+    rt.block_on(async {
+        for (i, mode) in [Mode::Kernel, Mode::Auto].into_iter().enumerate() {
+            let (backend_addr, mut rx) = handing_backend().await;
+            let mut mux = mode.start("", &[("any", "any", backend_addr)]);
+            let (mut client, mut backend) = relayed_pair(mux.addr, &mut rx).await;
+            assert_eq!(notsent_lowat(&backend), 1, "{mode:?}");
+            let seed = 17 + i as u64;
+            let writer = tokio::spawn(async move {
+                send_stream(&mut backend, &mut Stream::new(seed), TOTAL, None).await;
+                backend.shutdown().await.unwrap();
+                backend
+            });
+            use sha2::Digest;
+            let mut hasher = sha2::Sha256::new();
+            let received = hash_to_end(&mut client, &mut hasher)
+                .await
+                .expect("the download did not arrive");
+            drop(writer.await.unwrap());
+            assert_eq!(
+                (received, hex(&hasher.finalize())),
+                (TOTAL, stream_sha256(TOTAL, seed)),
+                "{mode:?}"
+            );
+            drop(client);
+            let line = mux.wait_log(" route=any", Duration::from_secs(5)).unwrap();
+            assert_eq!(field(&line, "down"), TOTAL, "{line}");
+            assert_eq!(field(&line, "spilled"), 0, "mux relayed some: {line}");
+        }
+    });
+}
+
+/// The backend socket's `TCP_NOTSENT_LOWAT` (0: never set).
+fn notsent_lowat(stream: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd as _;
+    let mut value: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, and an int with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    value
+}
+
 /// `auto`: downloads that the kernel cannot take back (a backend that
 /// writes without pause to a client that reads slowly: mux never catches
 /// up) leave the kernel path once 64 MiB went through mux in a row, but
