@@ -257,7 +257,8 @@ pub struct Client {
     pub cookie: u64,
     /// 0 until user space first reports `delivered`, which it does once the
     /// backend sends in bulk. Until then every send takes the normal path
-    /// through mux: requests and answers of a few hundred bytes had a worse
+    /// through mux (unless the backend's first send was bulk in itself, see
+    /// [`OPEN_SEND`]): requests and answers of a few hundred bytes had a worse
     /// round-trip tail through the kernel than through mux when many
     /// connections share few CPUs (see the README), and gain nothing from
     /// skipping a copy.

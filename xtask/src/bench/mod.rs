@@ -38,7 +38,7 @@ pub enum Suite {
 pub struct Args {
     #[arg(value_enum, default_value_t = Suite::All)]
     suite: Suite,
-    /// Short runs, 3 repetitions: under 3 minutes on 2 cores (the default)
+    /// Short runs, 3 repetitions: about 3 minutes on 2 cores (the default)
     #[arg(long, conflicts_with = "full")]
     quick: bool,
     /// Longer runs, 5 repetitions; also rewrites docs/benchmarks.md and its charts
@@ -84,10 +84,11 @@ impl Profile {
                 ),
             )
         };
-        // --quick: 3 repetitions of short runs, to stay under 3 minutes on 2 cores with some
-        // 250 runs in all. iperf3 counts whole seconds, and 84 bulk runs of `-t 1` alone would
-        // take half of that: a fixed 512 MB takes 0.2 to 0.6 s here instead. Its CPU figures
-        // are then coarse: /proc counts CPU time in 10 ms ticks.
+        // --quick: 3 repetitions of short runs, to stay near 3 minutes on 2 cores with some
+        // 300 runs in all. iperf3 counts whole seconds, and 144 bulk runs of `-t 1` alone would
+        // take most of that: a fixed 512 MB takes 0.2 to 0.6 s here instead. Its CPU figures
+        // are then coarse: /proc counts CPU time in 10 ms ticks. So short a transfer also
+        // flatters nothing: the kernel path takes a connection some way into it.
         let (name, reps, bulk_length, rr_secs, connrate_secs, http_secs) = if full {
             // Round trips for 3 s (some 200,000 at 64 connections) keep a turn of that
             // case about as long as one of the VM's slow phases (see `workloads`).

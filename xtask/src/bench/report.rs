@@ -248,8 +248,8 @@ pub fn markdown(
         "Each figure is the median [min–max] of {} repetitions, then (×direct, ×sslh-fork): the median \
          divided by direct's and by sslh-fork's for the same case (where the table has them). Higher is better for throughput and \
          rates; lower is better for latency, CPU and memory, so there a ratio below 1 is better. Every \
-         system runs on loopback on the same {} cores as the load generator and the backend, so a proxy's \
-         own CPU use also slows what it serves. Repetitions are interleaved case by case: each turn \
+         system runs on loopback (but for the remote workload's client, across a veth) on the same {} cores \
+         as the load generator and the backend, so a proxy's own CPU use also slows what it serves. Repetitions are interleaved case by case: each turn \
          measures one case on every system in turn, each started afresh for it, each turn starting \
          one system later than the one before, so that the machine's drift during the run (this VM \
          has slow phases of 20-25 s in which even direct loses a quarter of its round-trip rate) \
@@ -282,13 +282,14 @@ pub fn markdown(
 const REPRODUCE: &str = "## Reproduce\n\n\
 On Debian 12 as root (the eBPF data path and the package installs need it), from a clone:\n\n\
 ```sh\n\
-cargo xtask bench --full      # about 35 minutes; rewrites this page and its charts\n\
-cargo xtask bench --quick     # under 3 minutes: fewer, shorter repetitions\n\
-cargo xtask bench http        # one suite: datapath (bulk, request-response, connection rate, memory) or http\n\
+cargo xtask bench --full      # about 45 minutes; rewrites this page and its charts\n\
+cargo xtask bench --quick     # about 3 minutes: fewer, shorter repetitions\n\
+cargo xtask bench http        # one suite: datapath (bulk, remote bulk, request-response, connection rate, memory) or http\n\
 ```\n\n\
 It installs what is missing (iperf3, wrk, sslh, haproxy, caddy, and the eBPF toolchain), builds mux and \
 loadgen in release mode, starts every system on ephemeral loopback ports with its own config in a \
-temporary directory (never the system services), and writes `bench/results/latest.md`, \
+temporary directory (never the system services; the remote workload makes a network namespace and a \
+veth on 198.18.231.0/30, removed at its end), and writes `bench/results/latest.md`, \
 `latest.json` and the charts.\n";
 
 pub fn table(s: &Section) -> String {
