@@ -253,10 +253,14 @@ pub fn listening_line(text: &str) -> Option<SocketAddr> {
         .find_map(|l| l.split("listening on ").nth(1)?.trim().parse().ok())
 }
 
-/// A free loopback port, for programs that cannot be told to pick one and report it. Another
-/// process could take it in between; on loopback, in a benchmark run, that does not happen.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free port on `host`, for programs that cannot be told to pick one and report it. Asked
+/// of `host` itself: a port free on loopback may be taken on the remote workload's address (an
+/// sslh-select run once found its port held by an iperf3 server there). Another process could
+/// take it in between; in a benchmark run, that does not happen.
+pub fn free_port(host: IpAddr) -> Result<u16> {
+    Ok(TcpListener::bind(SocketAddr::new(host, 0))?
+        .local_addr()?
+        .port())
 }
 
 fn wait_listening(proc: &mut Proc, addr: SocketAddr) -> Result<SocketAddr> {
@@ -376,7 +380,7 @@ pub fn start(
             (proc, addr)
         }
         System::SslhFork | System::SslhSelect => {
-            let port = free_port()?;
+            let port = free_port(host)?;
             let program = if system == System::SslhFork {
                 "/usr/sbin/sslh"
             } else {
@@ -399,7 +403,7 @@ pub fn start(
             (proc, addr)
         }
         System::HaproxyTcp | System::HaproxyHttp => {
-            let port = free_port()?;
+            let port = free_port(host)?;
             let config = write(
                 dir,
                 &format!("{name}.cfg"),
@@ -416,7 +420,8 @@ pub fn start(
             (proc, addr)
         }
         System::Caddy => {
-            let port = free_port()?;
+            // The Caddyfile binds loopback, whatever `host` is.
+            let port = free_port(IpAddr::from([127, 0, 0, 1]))?;
             let Routes::HttpPaths { main, embed } = routes else {
                 bail!("n/a: caddy runs only the HTTP workload");
             };
@@ -576,7 +581,7 @@ pub fn backend(dir: &Path, bins: &Bins, name: &str, mode: &[&str]) -> Result<Bac
 
 /// `iperf3 -s`, bound to `host`.
 pub fn iperf_server(dir: &Path, name: &str, host: IpAddr) -> Result<Backend> {
-    let port = free_port()?;
+    let port = free_port(host)?;
     let mut proc = Proc::spawn(
         dir,
         name,
