@@ -91,7 +91,14 @@ fn redirect(ctx: &SkMsgContext) {
             return;
         }
         if client.open == 0 && (*capture).opened == 0 {
-            if size >= OPEN_SEND && normal_path_bytes(md, (*capture).write_seq_base) == Some(0) {
+            // `spilling` is 0 only until a send first took the normal path:
+            // past that, no send can open the path here, and the socket's
+            // sequence is not read again for each bulk send until mux
+            // opens it.
+            if size >= OPEN_SEND
+                && (*capture).spilling == 0
+                && normal_path_bytes(md, (*capture).write_seq_base) == Some(0)
+            {
                 // Bulk from the first byte: nothing went through mux, so
                 // nothing can be overtaken; the room rule below applies
                 // from here on.
