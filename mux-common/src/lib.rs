@@ -63,6 +63,17 @@ pub const CLIENT_SNDBUF: u32 = 4 << 20;
 /// and mux need not catch up with it before the kernel takes over, which
 /// a backend that never pauses can put off for good.
 pub const OPEN_SEND: u64 = 64 << 10;
+/// `TCP_NOTSENT_LOWAT` that sock_ops sets on each captured backend socket:
+/// during a spill, the backend then blocks with at most this much waiting
+/// unsent behind mux, instead of a send buffer of megabytes, so mux catches
+/// up and the kernel takes the connection back sooner. Not 1: a socket polls
+/// writable only while twice its unsent bytes are under the mark, and a
+/// backend with Nagle on (the default) or `TCP_CORK` keeps a partial segment
+/// unsent until an ACK comes; a mark of 1 then let it write one small piece
+/// per delayed ACK (iperf3 with 2 KiB writes ran at 10-15 Mbit/s instead of
+/// 4-5 Gbit/s in a third of the runs). Twice the largest segment on loopback
+/// (64 KiB) stays well under this.
+pub const BACKEND_NOTSENT_LOWAT: u32 = 256 << 10;
 
 /// Name of the `SockHash<u64>` holding the backends' accepted sockets
 /// (inserted by the sock_ops program under [`Pending::backend_key`]), to

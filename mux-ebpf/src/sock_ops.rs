@@ -12,7 +12,7 @@
 //! - `PASSIVE_ESTABLISHED_CB` on the backend's side (sshd, a web server)
 //!   when the handshake completes, before the backend can accept or send:
 //!   if its flow is in `MUX_FLOWS`, the socket goes into `MUX_SOCKS` (and
-//!   gets `TCP_NOTSENT_LOWAT` 1, see `stop_when_unsent`). Doing
+//!   gets a `TCP_NOTSENT_LOWAT`, see `stop_when_unsent`). Doing
 //!   this here is the point: that socket belongs to another process, so mux
 //!   has no file descriptor for it. The same callback on a socket accepted
 //!   by one of mux's listeners (`MUX_LISTEN`) asks for RTT callbacks.
@@ -32,7 +32,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mux_common::{
-    Capture, ListenKey, STAT_ACKS_UNWATCHED, STAT_CAPTURED, STAT_FLOW_FAILED, STAT_INSERT_FAILED,
+    BACKEND_NOTSENT_LOWAT, Capture, ListenKey, STAT_ACKS_UNWATCHED, STAT_CAPTURED,
+    STAT_FLOW_FAILED, STAT_INSERT_FAILED,
 };
 
 use crate::{
@@ -138,22 +139,24 @@ fn on_passive_established(ctx: &SockOpsContext) {
 const IPPROTO_TCP: i32 = 6;
 const TCP_NOTSENT_LOWAT: i32 = 25;
 
-/// Sets `TCP_NOTSENT_LOWAT` to 1 on the captured backend socket: it then
-/// takes a send (and polls writable) only while none of its bytes waits
-/// unsent. Redirected sends never wait there, so the kernel path does not
-/// feel it. What it changes is a spill: the backend's bytes go the normal
-/// way to mux, and once mux's receive window is full the backend blocks
-/// with at most one send waiting, instead of filling a send buffer of
-/// megabytes. The kernel takes the connection back only at a send that
-/// finds mux caught up with every such byte (see sk_msg), and a backend
-/// with megabytes queued behind mux never offers that moment while it
-/// keeps writing (iperf3 downloads of 512 MB spilled 37-96% of their
-/// bytes, one run 4%; 15-21% with this). The backend sees a standard
-/// option, handled by every poller: it just wakes up later. A failure
-/// leaves the socket as it was.
+/// Sets `TCP_NOTSENT_LOWAT` to `BACKEND_NOTSENT_LOWAT` (256 KiB) on the
+/// captured backend socket: it then takes a send (and polls writable) only
+/// while less than that waits unsent. Redirected sends never wait there,
+/// so the kernel path does not feel it. What it changes is a spill: the
+/// backend's bytes go the normal way to mux, and once mux's receive window
+/// is full the backend blocks with at most that much waiting, instead of
+/// filling a send buffer of megabytes. The kernel takes the connection back
+/// only at a send that finds mux caught up with every such byte (see
+/// sk_msg), and a backend with megabytes queued behind mux never offers
+/// that moment while it keeps writing (iperf3 downloads of 512 MB spilled
+/// 24-97% of their bytes; 32-61% with this, 8 rounds each; 3 s ones
+/// 3-60% against 2-3%). Why not lower: see
+/// `BACKEND_NOTSENT_LOWAT`. The backend sees a standard option, handled by
+/// every poller: it just wakes up later. A failure leaves the socket as it
+/// was.
 #[inline(always)]
 fn stop_when_unsent(ctx: &SockOpsContext) {
-    let mut lowat: i32 = 1;
+    let mut lowat = BACKEND_NOTSENT_LOWAT as i32;
     // SAFETY: the helper takes the sock_ops context and a pointer to an
     // int of the length given.
     let _ = unsafe {

@@ -32,7 +32,9 @@ pub use loader::KernelPrograms;
 pub use lookup::PortTakeover;
 pub use maps::Stats;
 pub use maps::Withdrawn;
-pub use mux_common::{CLIENT_SNDBUF, Capture, Client, Flow, Pending, REDIRECT_WINDOW};
+pub use mux_common::{
+    BACKEND_NOTSENT_LOWAT, CLIENT_SNDBUF, Capture, Client, Flow, Pending, REDIRECT_WINDOW,
+};
 
 /// Everything that can go wrong between mux and its kernel programs.
 #[derive(Debug, thiserror::Error)]
