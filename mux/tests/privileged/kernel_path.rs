@@ -284,6 +284,15 @@ async fn relayed_pair(
     (client, backend)
 }
 
+/// mux in `mode` with one catch-all route to a fresh backend, and one
+/// connection through it: mux, its client end and its backend end.
+async fn one_relayed_pair(mode: Mode) -> (Mux, TcpStream, TcpStream) {
+    let (backend_addr, mut rx) = handing_backend().await;
+    let mux = mode.start("", &[("any", "any", backend_addr)]);
+    let (client, backend) = relayed_pair(mux.addr, &mut rx).await;
+    (mux, client, backend)
+}
+
 /// Reads `stream` to its end into `hasher` within 60 s; how many bytes, or
 /// `Err` if the end did not come in time.
 async fn hash_to_end(
@@ -1039,9 +1048,7 @@ fn the_kernel_path_resumes_after_a_spill() {
     const PHASE2: u64 = 32 << 20;
     let rt = runtime();
     rt.block_on(async {
-        let (backend_addr, mut rx) = handing_backend().await;
-        let mut mux = Mode::Kernel.start("", &[("any", "any", backend_addr)]);
-        let (mut client, mut backend) = relayed_pair(mux.addr, &mut rx).await;
+        let (mut mux, mut client, mut backend) = one_relayed_pair(Mode::Kernel).await;
 
         let (go, wait_go) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
@@ -1110,9 +1117,7 @@ fn a_backend_bulk_from_its_first_send_goes_to_the_kernel_at_once() {
     let rt = runtime();
     rt.block_on(async {
         for (i, mode) in [Mode::Kernel, Mode::Auto].into_iter().enumerate() {
-            let (backend_addr, mut rx) = handing_backend().await;
-            let mut mux = mode.start("", &[("any", "any", backend_addr)]);
-            let (mut client, mut backend) = relayed_pair(mux.addr, &mut rx).await;
+            let (mut mux, mut client, mut backend) = one_relayed_pair(mode).await;
             let lowat = mux::ebpf::BACKEND_NOTSENT_LOWAT as i32;
             assert_eq!(notsent_lowat(&backend), lowat, "{mode:?}");
             let seed = 17 + i as u64;
@@ -1158,9 +1163,7 @@ fn a_nagle_backend_writing_small_pieces_does_not_stall() {
     let rt = runtime();
     rt.block_on(async {
         for (i, mode) in [Mode::Kernel, Mode::Auto].into_iter().enumerate() {
-            let (backend_addr, mut rx) = handing_backend().await;
-            let mut mux = mode.start("", &[("any", "any", backend_addr)]);
-            let (mut client, mut backend) = relayed_pair(mux.addr, &mut rx).await;
+            let (mut mux, mut client, mut backend) = one_relayed_pair(mode).await;
             let mut small = [0u8; 100];
             for round in 0..80u8 {
                 backend.write_all(&[round; 100]).await.unwrap();
