@@ -148,9 +148,9 @@ const TCP_NOTSENT_LOWAT: i32 = 25;
 /// filling a send buffer of megabytes. The kernel takes the connection back
 /// only at a send that finds mux caught up with every such byte (see
 /// sk_msg), and a backend with megabytes queued behind mux never offers
-/// that moment while it keeps writing (iperf3 downloads of 512 MB spilled
-/// 24-97% of their bytes; 32-61% with this, 8 rounds each; 3 s ones
-/// 3-60% against 2-3%). Why not lower: see
+/// that moment while it keeps writing (without the mark, iperf3 downloads
+/// of 512 MB spilled 24-97% of their bytes and 3 s ones 3-60%; with it,
+/// 32-61% and 2-3%, over 8 and 6 interleaved rounds). Why not lower: see
 /// `BACKEND_NOTSENT_LOWAT`. The backend sees a standard option, handled by
 /// every poller: it just wakes up later. A failure leaves the socket as it
 /// was.
