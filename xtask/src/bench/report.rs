@@ -282,7 +282,7 @@ pub fn markdown(
 const REPRODUCE: &str = "## Reproduce\n\n\
 On Debian 12 as root (the eBPF data path and the package installs need it), from a clone:\n\n\
 ```sh\n\
-cargo xtask bench --full      # about 45 minutes; rewrites this page and its charts\n\
+cargo xtask bench --full      # about 40 minutes; rewrites this page and its charts\n\
 cargo xtask bench --quick     # about 3 minutes: fewer, shorter repetitions\n\
 cargo xtask bench http        # one suite: datapath (bulk, remote bulk, request-response, connection rate, memory) or http\n\
 ```\n\n\
