@@ -28,7 +28,8 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use mux_common::{
-    Client, OPEN_SEND, REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED, STAT_SPILLED,
+    BULK_SEND, Client, OPEN_SEND, REDIRECT_WINDOW, STAT_REDIRECT_FAILED, STAT_REDIRECTED,
+    STAT_SPILLED,
 };
 
 use crate::{
@@ -77,6 +78,11 @@ fn redirect(ctx: &SkMsgContext) {
     // socket's lock, so no two runs race.
     unsafe {
         let size = u64::from(ctx.size());
+        // What `auto` judges the backend's send sizes by (see `BULK_SEND`).
+        (*capture).sent_bytes += size;
+        if size >= BULK_SEND {
+            (*capture).bulk_send_bytes += size;
+        }
         // A client entry gone means the connection is ending: nothing more
         // to redirect.
         let Some(client) = MUX_CLIENTS.get_ptr(&(*capture).client_cookie) else {

@@ -78,6 +78,8 @@ fn on_connect(ctx: &SockOpsContext) {
             captured: 0,
             spilling: 0,
             opened: 0,
+            sent_bytes: 0,
+            bulk_send_bytes: 0,
         }
     };
     if MUX_FLOWS

@@ -467,6 +467,7 @@ impl RunArgs {
             admin: None,
             drain_timeout: Duration::from_secs(30),
             limits: Default::default(),
+            max_kernel_bulk: None,
         })
     }
 }

@@ -75,6 +75,9 @@ pub struct Config {
     /// On SIGTERM, how long live connections may go on before they are closed.
     pub drain_timeout: Duration,
     pub limits: crate::limits::Limits,
+    /// `auto`: connections that may send in bulk on the kernel path at
+    /// once; `None`: as many as half the CPUs (see `datapath::Kernel`).
+    pub max_kernel_bulk: Option<usize>,
 }
 
 impl Config {
@@ -303,6 +306,7 @@ struct RawConfig {
     drain_timeout: Option<Spanned<DurationValue>>,
     max_connections: Option<Spanned<i64>>,
     max_connections_per_source: Option<Spanned<i64>>,
+    max_kernel_bulk: Option<Spanned<i64>>,
     /// The token for targets that set none of their own.
     token: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
@@ -482,6 +486,7 @@ impl Validator<'_> {
             max_per_source: self
                 .count(raw.max_connections_per_source, "max_connections_per_source")?,
         };
+        let max_kernel_bulk = self.count(raw.max_kernel_bulk, "max_kernel_bulk")?;
         let global_token = self.token(raw.token, raw.token_file)?;
         let targets = self.targets(raw.target, global_token)?;
 
@@ -499,6 +504,7 @@ impl Validator<'_> {
             admin,
             drain_timeout,
             limits,
+            max_kernel_bulk,
         })
     }
 
@@ -848,6 +854,19 @@ backend = "127.0.0.1:8443"
 
     fn err(text: &str) -> String {
         Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn max_kernel_bulk_is_a_positive_count() {
+        let c = Config::parse(&format!("max_kernel_bulk = 3\n{EXAMPLE}"), "x.toml").unwrap();
+        assert_eq!(c.max_kernel_bulk, Some(3));
+        let c = Config::parse(EXAMPLE, "x.toml").unwrap();
+        assert_eq!(c.max_kernel_bulk, None);
+        let e = err(&format!("max_kernel_bulk = 0\n{EXAMPLE}"));
+        assert!(
+            e.contains("max_kernel_bulk") && e.contains("not a positive"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> anyhow::Result<()> {
-    let (datapath, why) = datapath::DataPath::select(config.datapath)?;
+    let (datapath, why) = datapath::DataPath::select(config.datapath, config.max_kernel_bulk)?;
     log::info!("datapath {why}");
     let mut server = Server::bind(connection::Shared::new(config, datapath)).await?;
     server.take_over()?;

@@ -115,7 +115,7 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         // find the default action (death) in place.
         let stop = stop_signal();
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-        let (datapath, why) = DataPath::select(config.datapath)?;
+        let (datapath, why) = DataPath::select(config.datapath, config.max_kernel_bulk)?;
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
         let admin_addr = config.admin.clone();

@@ -284,6 +284,9 @@ impl Server {
                 old.config.datapath.name()
             );
         }
+        if config.max_kernel_bulk != old.config.max_kernel_bulk {
+            log::warn!("reload: a new max_kernel_bulk takes a restart; keeping the old one");
+        }
         let new_specs: Vec<String> = config
             .listen
             .iter()

@@ -474,6 +474,35 @@ async fn a_reload_can_add_a_listener() {
     assert!(mux.alive());
 }
 
+/// A reload that changes the data path and `max_kernel_bulk` applies the
+/// rest, says that those two take a restart, and serves on as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_the_data_path_and_says_so() {
+    let web = http_backend("web").await;
+    let dir = Scratch::new("reload-datapath");
+    let file = dir.path("mux.toml");
+    let (mut mux, port) = mux_on_free_port(&file, web).unwrap();
+    let config = format!(
+        "datapath = \"copy\"\nmax_kernel_bulk = 3\n{}",
+        listen_on(&[port], web)
+    );
+    std::fs::write(&file, config).unwrap();
+    hup(&mux).unwrap();
+    // The last of the lines this reload logs.
+    wait_count(&mux, "reload: 1 route(s)", 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let logs = mux.logs();
+    for says in [
+        "reload: datapath auto -> copy takes a restart; keeping auto",
+        "reload: a new max_kernel_bulk takes a restart",
+    ] {
+        assert!(logs.iter().any(|l| l.contains(says)), "{says}: {logs:#?}");
+    }
+    assert_eq!(served_by(mux.addr).await.unwrap(), "web /x");
+    assert!(mux.alive());
+}
+
 /// Waits until connecting to `addr` is refused: the workers drop their
 /// sockets on their own time after mux logs the reload.
 async fn refused_soon(addr: SocketAddr) -> Result<()> {

@@ -7,10 +7,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd as _, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
+
+use mux_common::BULK_SEND;
 
 use crate::ebpf::{self, EbpfError, KernelPrograms, Pending, Withdrawn};
 
@@ -38,6 +42,66 @@ const CHECK_EVERY: u64 = 16 << 20;
 /// another one is stuck too.
 const STUCK_AFTER: u64 = 64 << 20;
 
+/// `auto`'s default for how many connections may send in bulk on the
+/// kernel path at once: half the CPUs, at least one. One download on the
+/// kernel path keeps two CPUs busy (the backend's sends, which carry the
+/// client socket's TCP work, and the client's reads) and runs well past
+/// splice (which waits on mux between the two). Past that the CPUs are the
+/// limit, clients fall behind and connections spill through mux, each
+/// send still taking the sockmap's path: on 2 CPUs, eight downloads at
+/// once ran at 23.4 Gbit/s spliced against 18.9 through the kernel in a
+/// full bench; two came out either way (see the README).
+pub fn default_bulk_limit() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// How long a connection counted among those sending in bulk may go
+/// without its client socket sending data before it gives up its place: a
+/// download that ended on a connection kept open (HTTP keep-alive, an SSH
+/// session after a copy) must not keep later ones off the kernel path.
+const BULK_IDLE: Duration = Duration::from_secs(1);
+
+/// A connection counted among those sending in bulk on the kernel path.
+struct Slot {
+    /// Its lease's `cookie`.
+    lease: u64,
+    /// Its client socket, open while the lease lives (the lease ends
+    /// before the connection drops the socket, and takes its slot along).
+    client_fd: RawFd,
+    client_cookie: u64,
+}
+
+impl Slot {
+    /// Whether the connection still sends: its client socket sent data
+    /// within [`BULK_IDLE`].
+    fn busy(&self) -> bool {
+        // SAFETY: open for as long as the slot exists (see `client_fd`);
+        // the cookie check below guards the assumption anyway.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.client_fd) };
+        ebpf::socket_cookie(fd).ok() == Some(self.client_cookie)
+            && last_data_sent(fd).is_some_and(|idle| idle < BULK_IDLE)
+    }
+}
+
+/// How long ago `socket` last sent data (`TCP_INFO`'s
+/// `tcpi_last_data_sent`); `None` if it cannot say.
+fn last_data_sent(socket: BorrowedFd<'_>) -> Option<Duration> {
+    // SAFETY: tcp_info is plain integers, valid when zeroed.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| Duration::from_millis(info.tcpi_last_data_sent.into()))
+}
+
 /// The loaded programs and what every connection needs from them.
 pub struct Kernel {
     programs: KernelPrograms,
@@ -51,6 +115,10 @@ pub struct Kernel {
     learned: Option<Mutex<Learned>>,
     /// `auto`: published connections stuck on the normal path right now.
     stuck: AtomicU32,
+    /// `auto`: published connections sending in bulk right now, and how
+    /// many may (see [`default_bulk_limit`]).
+    slots: Mutex<Vec<Slot>>,
+    bulk_limit: usize,
     /// Set when the process lost what client sockets need (see
     /// [`Kernel::after_privileges_dropped`]), or `auto` could not attach
     /// sock_ops again: nothing is published.
@@ -145,6 +213,11 @@ pub struct Lease {
     small: AtomicU32,
     /// Withdrawn early: the connection went on without the kernel.
     released: AtomicBool,
+    /// `auto`: the client socket, for its slot in `Kernel::slots`.
+    client_fd: RawFd,
+    /// `auto`: given a slot in `Kernel::slots` (it may have lost it since,
+    /// idle).
+    admitted: AtomicBool,
     /// `auto`: whether the kernel still takes the connection's bytes.
     progress: Mutex<Progress>,
     /// `auto`: keeps the sock_ops program attached until the withdrawal.
@@ -188,8 +261,9 @@ impl Kernel {
     /// Loads and attaches the programs (root, or CAP_BPF + CAP_NET_ADMIN +
     /// CAP_PERFMON).
     /// `learn`: stop publishing the connections of a backend that does
-    /// not send in bulk (`auto`), rather than always (`ebpf`).
-    pub fn load(learn: bool) -> Result<Kernel, EbpfError> {
+    /// not send in bulk, and splice those past `bulk_limit` that do
+    /// (`auto`), rather than always publish (`ebpf`).
+    pub fn load(learn: bool, bulk_limit: usize) -> Result<Kernel, EbpfError> {
         // Every client socket will need this; a process that cannot have it
         // cannot use the kernel path at all, so say so now, once.
         probe_send_buffer()?;
@@ -198,6 +272,8 @@ impl Kernel {
             next_id: AtomicU64::new(0),
             learned: learn.then(|| Mutex::new(Learned::default())),
             stuck: AtomicU32::new(0),
+            slots: Mutex::new(Vec::new()),
+            bulk_limit,
             off: AtomicBool::new(false),
         })
     }
@@ -437,6 +513,8 @@ impl Kernel {
             opened: AtomicBool::new(false),
             small: AtomicU32::new(0),
             released: AtomicBool::new(false),
+            client_fd: client.as_raw_fd(),
+            admitted: AtomicBool::new(false),
             progress: Mutex::new(Progress::default()),
             hold: Mutex::new(hold),
         };
@@ -531,6 +609,9 @@ impl Lease {
             return;
         }
         if bulk {
+            if !self.admit() {
+                return;
+            }
             let acked = self.delivered(total);
             if self.kernel.learned.is_some() {
                 self.check(total, acked);
@@ -541,6 +622,79 @@ impl Lease {
             // Every byte so far went through mux, and so will the rest: the
             // entries can go while the connection lasts.
             let _ = self.withdraw();
+        }
+    }
+
+    /// `auto`, at the first bulk delivery: counts the connection among
+    /// those sending in bulk on the kernel path, or takes it off the path
+    /// for good when its backend sends in small pieces (see
+    /// [`Lease::small_sends`]) or when as many as `Kernel::bulk_limit`
+    /// already send in bulk there (see [`default_bulk_limit`]; those idle
+    /// for [`BULK_IDLE`] no longer count). Whether it stays on.
+    fn admit(&self) -> bool {
+        if self.kernel.learned.is_none() || self.admitted.load(Ordering::Relaxed) {
+            return true;
+        }
+        if let Some(why) = self.small_sends() {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            self.leave(&mut p);
+            log::info!(
+                "kernel path: a connection to {} left it: {why}; splicing it from now on",
+                self.backend
+            );
+            return false;
+        }
+        let mut slots = self.kernel.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.len() >= self.kernel.bulk_limit {
+            // Connections that stopped sending give their places up.
+            slots.retain(Slot::busy);
+        }
+        let others = slots.len();
+        if others < self.kernel.bulk_limit {
+            slots.push(Slot {
+                lease: self.cookie,
+                client_fd: self.client_fd,
+                client_cookie: self.client_cookie,
+            });
+            self.admitted.store(true, Ordering::Relaxed);
+            return true;
+        }
+        drop(slots);
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        self.leave(&mut p);
+        log::info!(
+            "kernel path: a connection to {} left it: {others} others already send in bulk through it, as many as max_kernel_bulk allows; splicing it from now on",
+            self.backend
+        );
+        false
+    }
+
+    /// Why the backend's sends are too small for the kernel path, if they
+    /// are: less than half of its bytes so far came in sends of
+    /// [`BULK_SEND`] or more (one lookup of the sk_msg program's counts).
+    fn small_sends(&self) -> Option<String> {
+        let capture = match self.kernel.programs.capture(self.cookie) {
+            Ok(capture) => capture?,
+            Err(e) => {
+                log::debug!("kernel path: reading send sizes: {e:#}");
+                return None;
+            }
+        };
+        let small = capture.sent_bytes.saturating_sub(capture.bulk_send_bytes);
+        (small > capture.bulk_send_bytes).then(|| {
+            format!(
+                "its backend sent {small} of {} bytes in pieces under {} KiB, which splice moves faster",
+                capture.sent_bytes,
+                BULK_SEND >> 10
+            )
+        })
+    }
+
+    /// Gives up its slot in `Kernel::slots`, if it has one.
+    fn uncount(&self) {
+        if self.admitted.swap(false, Ordering::Relaxed) {
+            let mut slots = self.kernel.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.retain(|slot| slot.lease != self.cookie);
         }
     }
 
@@ -613,14 +767,16 @@ impl Lease {
     /// rest of its life.
     fn leave(&self, p: &mut Progress) {
         self.released.store(true, Ordering::Relaxed);
+        self.uncount();
         // `finish` skips a released lease: what auto learns of the
         // backend (it sends in bulk) is said here.
         self.kernel.ended(self.backend, true);
         p.left = self.withdraw();
     }
 
-    /// Leaves `Kernel::stuck` if counted there.
+    /// Leaves `Kernel::stuck` (and `Kernel::slots`) if counted there.
     fn unstick(&self) {
+        self.uncount();
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if std::mem::take(&mut p.stuck) {
             self.kernel.stuck.fetch_sub(1, Ordering::Relaxed);

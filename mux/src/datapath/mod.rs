@@ -77,14 +77,22 @@ impl DataPath {
     }
 
     /// The path for a configured kind, and why, for the start-up log.
-    pub fn select(kind: DataPathKind) -> Result<(DataPath, String), DataPathError> {
+    /// `max_kernel_bulk`: `auto`'s limit on connections sending in bulk on
+    /// the kernel path at once, if configured.
+    pub fn select(
+        kind: DataPathKind,
+        max_kernel_bulk: Option<usize>,
+    ) -> Result<(DataPath, String), DataPathError> {
+        let bulk_limit = max_kernel_bulk.unwrap_or_else(ebpf::default_bulk_limit);
         match kind {
             // The kernel path wherever it loads, with the back-off that
             // keeps short connections as fast as on splice(2).
-            DataPathKind::Auto => Ok(match Kernel::load(true) {
+            DataPathKind::Auto => Ok(match Kernel::load(true, bulk_limit) {
                 Ok(kernel) => (
                     DataPath::Kernel(Arc::new(kernel)),
-                    "auto: kernel path for backends on this host that send in bulk, splice(2) for the rest".into(),
+                    format!(
+                        "auto: kernel path for backends on this host that send in bulk, {bulk_limit} at a time, splice(2) for the rest"
+                    ),
                 ),
                 Err(e) => (
                     DataPath::Splice,
@@ -92,7 +100,7 @@ impl DataPath {
                 ),
             }),
             DataPathKind::Ebpf => {
-                let kernel = Kernel::load(false).map_err(DataPathError::Ebpf)?;
+                let kernel = Kernel::load(false, bulk_limit).map_err(DataPathError::Ebpf)?;
                 Ok((
                     DataPath::Kernel(Arc::new(kernel)),
                     "ebpf: kernel path, as configured".into(),

@@ -169,13 +169,19 @@ impl KernelPrograms {
     /// socket has `cookie`; `None` before the socket connected or after
     /// the entries went.
     pub fn moved(&self, cookie: u64) -> Result<Option<u64>, EbpfError> {
+        Ok(self.capture(cookie)?.map(|c| c.down_bytes))
+    }
+
+    /// The capture of the connection whose outgoing socket has `cookie`;
+    /// `None` before the socket connected or after the entries went.
+    pub fn capture(&self, cookie: u64) -> Result<Option<Capture>, EbpfError> {
         let Some(pending) = self.pending(cookie)? else {
             return Ok(None);
         };
         if pending.connected == 0 {
             return Ok(None);
         }
-        Ok(self.flow(&pending.flow)?.map(|c| c.down_bytes))
+        self.flow(&pending.flow)
     }
 
     /// The pending entry for `cookie` as the kernel left it, if any.

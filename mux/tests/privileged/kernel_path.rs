@@ -1207,6 +1207,43 @@ fn a_nagle_backend_writing_small_pieces_does_not_stall() {
     });
 }
 
+/// `auto` splices a connection whose backend sends bulk in pieces under
+/// 16 KiB (`mux_common::BULK_SEND`), where the kernel path ran slower than
+/// splice, and leaves one sending 64 KiB pieces on it. Both arrive whole.
+#[test]
+fn auto_splices_a_backend_that_sends_bulk_in_small_pieces() {
+    const TOTAL: u64 = 32 << 20;
+    const SPLICED: &str = "in pieces under 16 KiB, which splice moves faster";
+    let rt = runtime();
+    rt.block_on(async {
+        for (seed, piece, spliced) in [(51, 4 << 10, true), (52, 64 << 10, false)] {
+            let (mut mux, mut client, backend) = one_relayed_pair(Mode::Auto).await;
+            let backend = backend.into_std().unwrap();
+            backend.set_nonblocking(false).unwrap();
+            let writer =
+                std::thread::spawn(move || write_when_writable(backend, seed, TOTAL, piece));
+            use sha2::Digest;
+            let mut hasher = sha2::Sha256::new();
+            let received = hash_to_end(&mut client, &mut hasher).await.unwrap();
+            writer.join().unwrap();
+            assert_eq!(
+                (received, hex(&hasher.finalize())),
+                (TOTAL, stream_sha256(TOTAL, seed)),
+                "{piece}-byte pieces"
+            );
+            drop(client);
+            let line = mux.wait_log(" route=any", Duration::from_secs(5)).unwrap();
+            assert_eq!(field(&line, "down"), TOTAL, "{line}");
+            let logs = mux.logs();
+            assert_eq!(
+                logs.iter().any(|l| l.contains(SPLICED)),
+                spliced,
+                "{piece}-byte pieces: {logs:#?}"
+            );
+        }
+    });
+}
+
 /// Writes `total` bytes of `Stream::new(seed)` in bursts of 8 pieces of
 /// `piece` bytes, each burst after poll(2) says the socket is writable (as
 /// iperf3 does), then shuts it down. `total` must be a multiple of a burst.
@@ -1270,27 +1307,12 @@ fn stuck_downloads_leave_the_kernel_path_together() {
     const LEFT: &str = "others were stuck too; splicing it from now on";
     let rt = runtime();
     rt.block_on(async {
-        let backend = backend(|mut s| async move {
-            let Some(seed) = read_seed(&mut s).await else {
-                return;
-            };
-            write_stream(&mut s, BODY, seed, false).await;
-            let _ = s.shutdown().await;
-        })
-        .await;
-        let mux = Mode::Auto.start("", &[("dl", "ssh", backend)]);
-        // 128 KiB a millisecond at most: far slower than the backend.
-        async fn slow_download(addr: std::net::SocketAddr, seed: u64) {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("SSH-2.0-{seed}\r\n").as_bytes())
-                .await
-                .unwrap();
-            let pause = Some(Duration::from_millis(1));
-            let got = read_hash_paced(&mut s, 128 << 10, pause).await;
-            assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "download {seed}");
-        }
+        let backend = seeded_sender(BODY).await;
+        // More than the three below, which the default (half the CPUs)
+        // may not allow.
+        let mux = Mode::Auto.start("max_kernel_bulk = 4", &[("dl", "ssh", backend)]);
         let limit = Duration::from_secs(60);
-        tokio::time::timeout(limit, slow_download(mux.addr, 1))
+        tokio::time::timeout(limit, slow_download(mux.addr, 1, BODY))
             .await
             .expect("the lone download did not finish in time");
         connection_lines_after(&mux, 1).await;
@@ -1299,7 +1321,7 @@ fn stuck_downloads_leave_the_kernel_path_together() {
 
         let mut tasks = tokio::task::JoinSet::new();
         for seed in 2..5 {
-            tasks.spawn(slow_download(mux.addr, seed));
+            tasks.spawn(slow_download(mux.addr, seed, BODY));
         }
         tokio::time::timeout(limit, async {
             while let Some(r) = tasks.join_next().await {
@@ -1321,6 +1343,104 @@ fn stuck_downloads_leave_the_kernel_path_together() {
         }
         assert_eq!(maps_drain(&mux).await, 0, "map entries left");
     });
+}
+
+/// `auto` with `max_kernel_bulk = 1`: a second download while a first one
+/// sends in bulk on the kernel path is spliced (on a busy machine the CPUs
+/// are the limit, and splice costs less per byte), the first stays; once
+/// both ended, the next download has the kernel path again, also while an
+/// earlier one idles on a connection kept open. Every byte arrives in
+/// order, and the maps end idle.
+#[test]
+fn auto_splices_bulk_downloads_past_max_kernel_bulk() {
+    const BODY: u64 = 128 << 20;
+    const LEFT: &str = "others already send in bulk through it, as many as max_kernel_bulk allows";
+    let rt = runtime();
+    rt.block_on(async {
+        let backend = seeded_sender(BODY).await;
+        let mut mux = Mode::Auto.start("max_kernel_bulk = 1", &[("dl", "ssh", backend)]);
+        mux.wait_log("send in bulk, 1 at a time", Duration::from_secs(1))
+            .unwrap();
+        let limit = Duration::from_secs(60);
+        let first = tokio::spawn(slow_download(mux.addr, 1, BODY));
+        // Long enough for mux to deliver the first one's opening bulk (it
+        // reads 128 MiB/s at most: the kernel's window fills at once).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = tokio::spawn(slow_download(mux.addr, 2, BODY));
+        tokio::time::timeout(limit, async {
+            first.await.unwrap();
+            second.await.unwrap();
+        })
+        .await
+        .expect("the downloads did not finish in time");
+        connection_lines_after(&mux, 2).await;
+        let logs = mux.logs();
+        let left = logs.iter().filter(|l| l.contains(LEFT)).count();
+        assert_eq!(left, 1, "{logs:#?}");
+
+        tokio::time::timeout(limit, slow_download(mux.addr, 3, BODY))
+            .await
+            .expect("the third download did not finish in time");
+        connection_lines_after(&mux, 3).await;
+        let logs = mux.logs();
+        let left = logs.iter().filter(|l| l.contains(LEFT)).count();
+        assert_eq!(left, 1, "the third download was spliced too: {logs:#?}");
+
+        // A download whose client keeps its connection open once it has
+        // everything, idle: past a second, it no longer holds the place.
+        let mut idle = TcpStream::connect(mux.addr).await.unwrap();
+        idle.write_all(b"SSH-2.0-4\r\n").await.unwrap();
+        let got = tokio::time::timeout(
+            limit,
+            read_hash_paced(&mut idle, 128 << 10, Some(Duration::from_millis(1))),
+        )
+        .await
+        .expect("the fourth download did not finish in time");
+        assert_eq!(got, (BODY, stream_sha256(BODY, 4)));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::timeout(limit, slow_download(mux.addr, 5, BODY))
+            .await
+            .expect("the fifth download did not finish in time");
+        connection_lines_after(&mux, 4).await;
+        let logs = mux.logs();
+        let left = logs.iter().filter(|l| l.contains(LEFT)).count();
+        assert_eq!(left, 1, "an idle connection kept its place: {logs:#?}");
+        drop(idle);
+        connection_lines_after(&mux, 5).await;
+        let logs = mux.logs();
+        let lines: Vec<&String> = logs.iter().filter(|l| l.contains(" route=dl ")).collect();
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        for line in lines {
+            assert_eq!(field(line, "down"), BODY, "{line}");
+        }
+        assert_eq!(maps_drain(&mux).await, 0, "map entries left");
+    });
+}
+
+/// A backend that reads `SSH-2.0-SEED\r\n` and sends `body` bytes of the
+/// seeded stream as fast as it can, then closes.
+async fn seeded_sender(body: u64) -> std::net::SocketAddr {
+    backend(move |mut s| async move {
+        let Some(seed) = read_seed(&mut s).await else {
+            return;
+        };
+        write_stream(&mut s, body, seed, false).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+/// Downloads `body` bytes of the stream seeded `seed` through mux at `addr`
+/// (from a [`seeded_sender`]), 128 KiB a millisecond at most, far slower
+/// than the backend, and checks their sha256.
+async fn slow_download(addr: std::net::SocketAddr, seed: u64, body: u64) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("SSH-2.0-{seed}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let pause = Some(Duration::from_millis(1));
+    let got = read_hash_paced(&mut s, 128 << 10, pause).await;
+    assert_eq!(got, (body, stream_sha256(body, seed)), "download {seed}");
 }
 
 /// Writes the next `total` bytes of `s` in 256 KiB pieces, with `pause`
