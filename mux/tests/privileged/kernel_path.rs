@@ -293,6 +293,26 @@ async fn one_relayed_pair(mode: Mode) -> (Mux, TcpStream, TcpStream) {
     (mux, client, backend)
 }
 
+/// Reads `client` (of mux's catch-all route `any`) to its end, checks that
+/// it got `total` bytes of the stream seeded `seed` (sha256), closes it,
+/// and returns the connection's log line once its `down` says `total` too.
+async fn download_whole(mux: &mut Mux, mut client: TcpStream, total: u64, seed: u64) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let received = hash_to_end(&mut client, &mut hasher)
+        .await
+        .expect("the download did not arrive");
+    assert_eq!(
+        (received, hex(&hasher.finalize())),
+        (total, stream_sha256(total, seed)),
+        "download {seed}"
+    );
+    drop(client);
+    let line = mux.wait_log(" route=any", Duration::from_secs(5)).unwrap();
+    assert_eq!(field(&line, "down"), total, "{line}");
+    line
+}
+
 /// Reads `stream` to its end into `hasher` within 60 s; how many bytes, or
 /// `Err` if the end did not come in time.
 async fn hash_to_end(
@@ -1117,7 +1137,7 @@ fn a_backend_bulk_from_its_first_send_goes_to_the_kernel_at_once() {
     let rt = runtime();
     rt.block_on(async {
         for (i, mode) in [Mode::Kernel, Mode::Auto].into_iter().enumerate() {
-            let (mut mux, mut client, mut backend) = one_relayed_pair(mode).await;
+            let (mut mux, client, mut backend) = one_relayed_pair(mode).await;
             let lowat = mux::ebpf::BACKEND_NOTSENT_LOWAT as i32;
             assert_eq!(notsent_lowat(&backend), lowat, "{mode:?}");
             let seed = 17 + i as u64;
@@ -1126,20 +1146,8 @@ fn a_backend_bulk_from_its_first_send_goes_to_the_kernel_at_once() {
                 backend.shutdown().await.unwrap();
                 backend
             });
-            use sha2::Digest;
-            let mut hasher = sha2::Sha256::new();
-            let received = hash_to_end(&mut client, &mut hasher)
-                .await
-                .expect("the download did not arrive");
+            let line = download_whole(&mut mux, client, TOTAL, seed).await;
             drop(writer.await.unwrap());
-            assert_eq!(
-                (received, hex(&hasher.finalize())),
-                (TOTAL, stream_sha256(TOTAL, seed)),
-                "{mode:?}"
-            );
-            drop(client);
-            let line = mux.wait_log(" route=any", Duration::from_secs(5)).unwrap();
-            assert_eq!(field(&line, "down"), TOTAL, "{line}");
             assert_eq!(field(&line, "spilled"), 0, "mux relayed some: {line}");
         }
     });
@@ -1217,23 +1225,13 @@ fn auto_splices_a_backend_that_sends_bulk_in_small_pieces() {
     let rt = runtime();
     rt.block_on(async {
         for (seed, piece, spliced) in [(51, 4 << 10, true), (52, 64 << 10, false)] {
-            let (mut mux, mut client, backend) = one_relayed_pair(Mode::Auto).await;
+            let (mut mux, client, backend) = one_relayed_pair(Mode::Auto).await;
             let backend = backend.into_std().unwrap();
             backend.set_nonblocking(false).unwrap();
             let writer =
                 std::thread::spawn(move || write_when_writable(backend, seed, TOTAL, piece));
-            use sha2::Digest;
-            let mut hasher = sha2::Sha256::new();
-            let received = hash_to_end(&mut client, &mut hasher).await.unwrap();
+            download_whole(&mut mux, client, TOTAL, seed).await;
             writer.join().unwrap();
-            assert_eq!(
-                (received, hex(&hasher.finalize())),
-                (TOTAL, stream_sha256(TOTAL, seed)),
-                "{piece}-byte pieces"
-            );
-            drop(client);
-            let line = mux.wait_log(" route=any", Duration::from_secs(5)).unwrap();
-            assert_eq!(field(&line, "down"), TOTAL, "{line}");
             let logs = mux.logs();
             assert_eq!(
                 logs.iter().any(|l| l.contains(SPLICED)),
