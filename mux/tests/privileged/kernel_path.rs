@@ -1415,6 +1415,44 @@ fn auto_splices_bulk_downloads_past_max_kernel_bulk() {
     });
 }
 
+/// `auto` learns that a backend sends in bulk also from connections whose
+/// every byte the kernel moved (a first send of 64 KiB or more opens the
+/// kernel path at once, and mux never sees bulk): 64 such connections in a
+/// row must not make it splice that backend's next ones.
+#[test]
+fn auto_counts_what_the_kernel_moved_as_bulk() {
+    const BODY: u64 = 256 << 10;
+    let rt = runtime();
+    rt.block_on(async {
+        let backend = seeded_sender(BODY).await;
+        let mut mux = Mode::Auto.start("", &[("dl", "ssh", backend)]);
+        for seed in 0..72 {
+            let mut s = TcpStream::connect(mux.addr).await.unwrap();
+            let peer = s.local_addr().unwrap();
+            s.write_all(format!("SSH-2.0-{seed}\r\n").as_bytes())
+                .await
+                .unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(10), read_hash(&mut s))
+                .await
+                .unwrap();
+            assert_eq!(got, (BODY, stream_sha256(BODY, seed)), "download {seed}");
+            drop(s);
+            let line = mux
+                .wait_log_async(&format!("{peer} ssh "), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(line.contains("datapath=ebpf"), "connection {seed}: {line}");
+            assert_eq!(field(&line, "spilled"), 0, "mux relayed some: {line}");
+        }
+        let logs = mux.logs();
+        assert!(
+            !logs.iter().any(|l| l.contains("never sent in bulk")),
+            "{logs:#?}"
+        );
+        assert_eq!(maps_drain(&mux).await, 0, "map entries left");
+    });
+}
+
 /// A backend that reads `SSH-2.0-SEED\r\n` and sends `body` bytes of the
 /// seeded stream as fast as it can, then closes.
 async fn seeded_sender(body: u64) -> std::net::SocketAddr {
