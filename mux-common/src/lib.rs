@@ -64,12 +64,13 @@ pub const CLIENT_SNDBUF: u32 = 4 << 20;
 /// a backend that never pauses can put off for good.
 pub const OPEN_SEND: u64 = 64 << 10;
 /// A backend's send this large or larger counts as bulk for `auto`: a
-/// connection whose backend sent at least half its bytes in smaller pieces
-/// is spliced. Each redirected send goes out to the client as a segment of
-/// its own, while splice moves whatever piled up behind mux in one: iperf3
-/// downloads in 8 KiB writes ran at 6.4 Gbit/s on the kernel path against
-/// 8.4 spliced, in 2 KiB ones at 3.2 against 3.6; in 16 KiB ones the
-/// kernel path led (12.7 against 11.6).
+/// connection whose backend sent more than half its bytes in smaller
+/// pieces by its first bulk delivery is spliced. Each redirected send goes
+/// out to the client as a segment of its own, while splice moves whatever
+/// piled up behind mux in one: before this rule, iperf3 downloads in 8 KiB
+/// writes ran at 6.4 Gbit/s on the kernel path against 8.4 spliced, in
+/// 2 KiB ones at 3.2 against 3.6; in 16 KiB ones the kernel path led (12.7
+/// against 11.6).
 pub const BULK_SEND: u64 = 16 << 10;
 /// `TCP_NOTSENT_LOWAT` that sock_ops sets on each captured backend socket:
 /// during a spill, the backend then blocks with at most this much waiting
@@ -217,8 +218,9 @@ pub struct Pending {
 
 /// One connection on the kernel path: the value of [`MAP_FLOWS`]. Written
 /// by the kernel programs in place (sk_msg under the backend socket's lock,
-/// so its updates never race each other); user space reads it when the
-/// connection ends.
+/// so its updates never race each other); user space reads it at the
+/// connection's first bulk delivery (`auto`), at its checks, and when it
+/// ends.
 ///
 /// 64 bytes, alignment 8, no padding.
 #[repr(C)]

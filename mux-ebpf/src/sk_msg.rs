@@ -17,6 +17,9 @@
 //! Before the backend sends in bulk, every send takes the normal path (see
 //! `mux_common::Client::open`), unless its very first send is bulk in
 //! itself (`mux_common::OPEN_SEND`).
+//!
+//! It also counts the backend's bytes by send size, which `auto` judges
+//! the connection by (`mux_common::BULK_SEND`).
 
 use aya_ebpf::{
     EbpfContext as _,
