@@ -635,38 +635,42 @@ impl Lease {
         if self.kernel.learned.is_none() || self.admitted.load(Ordering::Relaxed) {
             return true;
         }
-        if let Some(why) = self.small_sends() {
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            self.leave(&mut p);
-            log::info!(
-                "kernel path: a connection to {} left it: {why}; splicing it from now on",
-                self.backend
-            );
-            return false;
-        }
-        let mut slots = self.kernel.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if slots.len() >= self.kernel.bulk_limit {
-            // Connections that stopped sending give their places up.
-            slots.retain(Slot::busy);
-        }
-        let others = slots.len();
-        if others < self.kernel.bulk_limit {
-            slots.push(Slot {
-                lease: self.cookie,
-                client_fd: self.client_fd,
-                client_cookie: self.client_cookie,
-            });
-            self.admitted.store(true, Ordering::Relaxed);
-            return true;
-        }
-        drop(slots);
+        let why = match self.small_sends() {
+            Some(why) => why,
+            None => match self.take_slot() {
+                Ok(()) => return true,
+                Err(others) => format!(
+                    "{others} others already send in bulk through it, as many as max_kernel_bulk allows"
+                ),
+            },
+        };
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         self.leave(&mut p);
         log::info!(
-            "kernel path: a connection to {} left it: {others} others already send in bulk through it, as many as max_kernel_bulk allows; splicing it from now on",
+            "kernel path: a connection to {} left it: {why}; splicing it from now on",
             self.backend
         );
         false
+    }
+
+    /// Takes one of `Kernel::slots`, after freeing those of connections
+    /// that stopped sending if none is free; `Err` with how many others
+    /// hold them all.
+    fn take_slot(&self) -> Result<(), usize> {
+        let mut slots = self.kernel.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.len() >= self.kernel.bulk_limit {
+            slots.retain(Slot::busy);
+        }
+        if slots.len() >= self.kernel.bulk_limit {
+            return Err(slots.len());
+        }
+        slots.push(Slot {
+            lease: self.cookie,
+            client_fd: self.client_fd,
+            client_cookie: self.client_cookie,
+        });
+        self.admitted.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Why the backend's sends are too small for the kernel path, if they
