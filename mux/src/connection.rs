@@ -196,7 +196,6 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
             protocol: if h2c { "h2c" } else { "http" }.into(),
             datapath: "http".into(),
         });
-        let _ = client.set_nodelay(true);
         let ended = match http.clone().serve(client, prefix, peer, h2c).await {
             Ok(()) => String::new(),
             Err(e) => format!(" ended by: {e}"),
@@ -245,11 +244,11 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     };
     // Interactive protocols (SSH keystrokes, token streams) must not wait for
     // Nagle; bulk transfers are unaffected since they fill segments anyway.
-    let _ = client.set_nodelay(true);
+    // The client's socket has it from the listener (see `server::listen_on`).
     let _ = backend.stream.set_nodelay(true);
 
-    let header = match (route.proxy_protocol, client.local_addr()) {
-        (Some(version), Ok(local)) => crate::proxy_protocol::header(version, peer, local),
+    let header = match route.proxy_protocol.map(|v| (v, client.local_addr())) {
+        Some((version, Ok(local))) => crate::proxy_protocol::header(version, peer, local),
         _ => Vec::new(),
     };
     let (relayed, datapath) = shared

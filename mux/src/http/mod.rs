@@ -119,7 +119,13 @@ impl HttpLayer {
         let upstreams = Arc::new(Upstreams {
             by_route: std::sync::Mutex::new((0..self.routes.len()).map(|_| None).collect()),
             client: peer,
-            local: stream.local_addr().ok(),
+            // Only a PROXY protocol header needs it: a getsockname(2) per
+            // connection otherwise.
+            local: if self.routes.iter().any(|r| r.proxy_protocol.is_some()) {
+                stream.local_addr().ok()
+            } else {
+                None
+            },
             client_ip: forwarded_for(peer),
             responses: (!h2c).then(Deadlines::new),
         });

@@ -80,7 +80,6 @@ impl Tunnel {
             }
         };
         let early = &prefix[request.head_len..];
-        let _ = client.set_nodelay(true);
         let m = metrics::get();
         let route = format!("target:{}", target.name);
         let datapath = match target.reach {
@@ -212,7 +211,6 @@ impl Tunnel {
             log::info!("{peer} agent left before it was registered: {e}");
             return;
         }
-        let _ = client.set_nodelay(true);
         let io = TokioIo::new(Rewind::new(prefix[hello.head_len..].to_vec(), client));
         // The box asks and the agent answers, so the box is the HTTP/2
         // client on a connection the agent opened.
