@@ -152,7 +152,9 @@ const TCP_NOTSENT_LOWAT: i32 = 25;
 /// sk_msg), and a backend with megabytes queued behind mux never offers
 /// that moment while it keeps writing (without the mark, iperf3 downloads
 /// of 512 MB spilled 24-97% of their bytes and 3 s ones 3-60%; with it,
-/// 32-61% and 2-3%, over 8 and 6 interleaved rounds). Why not lower: see
+/// 32-61% and 2-3%, over 8 and 6 interleaved rounds; with the first-send
+/// rule of sk_msg in place, 3 s ones still spilled 45-92% in 3 of 8
+/// rounds without it, 2-12% with it). Why not lower: see
 /// `BACKEND_NOTSENT_LOWAT`. The backend sees a standard option, handled by
 /// every poller: it just wakes up later. A failure leaves the socket as it
 /// was.
