@@ -39,6 +39,9 @@ pub struct HttpLayer {
     connect_timeout: Duration,
     response_timeout: Duration,
     forwarded_headers: bool,
+    /// Some route sends a PROXY protocol header, which needs each client
+    /// connection's local address (a getsockname(2) per connection).
+    proxy_headers: bool,
 }
 
 /// One client connection's connections to the backends, one per route,
@@ -100,6 +103,7 @@ pub struct HttpSettings {
 impl HttpLayer {
     pub fn new(routes: Vec<HttpRoute>, settings: HttpSettings) -> HttpLayer {
         HttpLayer {
+            proxy_headers: routes.iter().any(|r| r.proxy_protocol.is_some()),
             routes,
             connect_timeout: settings.connect_timeout,
             response_timeout: settings.response_timeout,
@@ -119,9 +123,7 @@ impl HttpLayer {
         let upstreams = Arc::new(Upstreams {
             by_route: std::sync::Mutex::new((0..self.routes.len()).map(|_| None).collect()),
             client: peer,
-            // Only a PROXY protocol header needs it: a getsockname(2) per
-            // connection otherwise.
-            local: if self.routes.iter().any(|r| r.proxy_protocol.is_some()) {
+            local: if self.proxy_headers {
                 stream.local_addr().ok()
             } else {
                 None
