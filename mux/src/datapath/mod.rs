@@ -6,6 +6,7 @@
 //! whole pair. Backpressure comes from never reading more than the other side
 //! has taken.
 
+mod adaptive;
 mod copy;
 mod ebpf;
 mod splice;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
+use self::adaptive::Adaptive;
 pub use self::ebpf::{Kernel, Lease, Tracking, Watch};
 use crate::config::DataPathKind;
 use crate::ebpf::EbpfError;
@@ -237,14 +239,14 @@ async fn splice_pair(
         pump(
             client,
             backend,
-            splice::Adaptive::new(),
+            Adaptive::<splice::Pipe>::new(),
             &mut r.up,
             |_, _| {}
         ),
         pump(
             backend,
             client,
-            splice::Adaptive::new(),
+            Adaptive::<splice::Pipe>::new(),
             &mut r.down,
             delivered
         )
@@ -257,8 +259,20 @@ async fn copy_pair(
     r: &mut Relayed,
 ) -> io::Result<((), ())> {
     tokio::try_join!(
-        pump(client, backend, copy::Buffer::new(), &mut r.up, |_, _| {}),
-        pump(backend, client, copy::Buffer::new(), &mut r.down, |_, _| {})
+        pump(
+            client,
+            backend,
+            Adaptive::<copy::Buffer>::new(),
+            &mut r.up,
+            |_, _| {}
+        ),
+        pump(
+            backend,
+            client,
+            Adaptive::<copy::Buffer>::new(),
+            &mut r.down,
+            |_, _| {}
+        )
     )
 }
 
@@ -396,7 +410,7 @@ mod tests {
         });
         let mut moved = 0;
         let mut reports = Vec::new();
-        let stage = splice::Adaptive::new();
+        let stage = Adaptive::<splice::Pipe>::new();
         pump(&src, &dst, stage, &mut moved, |total, bulk| {
             reports.push((total, bulk))
         })
