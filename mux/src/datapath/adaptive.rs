@@ -13,8 +13,9 @@ use super::Stage;
 
 /// A read that fills this much means bytes come in bulk: the direction
 /// takes its bulk stage. Less than that (a key press, a request, a banner)
-/// is copied: two syscalls as with splice, minus creating a pipe for every
-/// connection and the pipe's own cost per call.
+/// is copied: two syscalls as with splice, minus setting up a bulk stage
+/// for every connection (a pipe, or 64 KiB of memory) and a pipe's own
+/// cost per call.
 const SMALL_READ: usize = 16 * 1024;
 
 thread_local! {
