@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use self::adaptive::Adaptive;
+use self::adaptive::{Adaptive, Bulk};
 pub use self::ebpf::{Kernel, Lease, Tracking, Watch};
 use crate::config::DataPathKind;
 use crate::ebpf::EbpfError;
@@ -186,7 +186,9 @@ impl DataPath {
         let mut r = Relayed::default();
         let name = match self {
             DataPath::Copy => {
-                r.error = copy_pair(client, &backend.stream, &mut r).await.err();
+                r.error = pair::<copy::Buffer>(client, &backend.stream, &mut r, |_, _| {})
+                    .await
+                    .err();
                 "copy"
             }
             DataPath::Splice | DataPath::Kernel(_) => {
@@ -203,7 +205,7 @@ impl DataPath {
                     Some(Tracking::Watch(watch)) if bulk => watch.sends_in_bulk(),
                     _ => {}
                 };
-                r.error = splice_pair(client, &backend.stream, &mut r, report)
+                r.error = pair::<splice::Pipe>(client, &backend.stream, &mut r, report)
                     .await
                     .err();
                 "splice"
@@ -227,51 +229,23 @@ impl DataPath {
     }
 }
 
-/// Splices both ways; `delivered` hears the running total given to the
-/// client, and whether it came in bulk.
-async fn splice_pair(
+/// Pumps both ways, each direction taking a bulk stage `B` (a pipe, a
+/// buffer) once its bytes come in bulk; `delivered` hears the running total
+/// given to the client, and whether it came in bulk.
+async fn pair<B: Bulk>(
     client: &TcpStream,
     backend: &TcpStream,
     r: &mut Relayed,
     delivered: impl FnMut(u64, bool),
 ) -> io::Result<((), ())> {
     tokio::try_join!(
-        pump(
-            client,
-            backend,
-            Adaptive::<splice::Pipe>::new(),
-            &mut r.up,
-            |_, _| {}
-        ),
+        pump(client, backend, Adaptive::<B>::new(), &mut r.up, |_, _| {}),
         pump(
             backend,
             client,
-            Adaptive::<splice::Pipe>::new(),
+            Adaptive::<B>::new(),
             &mut r.down,
             delivered
-        )
-    )
-}
-
-async fn copy_pair(
-    client: &TcpStream,
-    backend: &TcpStream,
-    r: &mut Relayed,
-) -> io::Result<((), ())> {
-    tokio::try_join!(
-        pump(
-            client,
-            backend,
-            Adaptive::<copy::Buffer>::new(),
-            &mut r.up,
-            |_, _| {}
-        ),
-        pump(
-            backend,
-            client,
-            Adaptive::<copy::Buffer>::new(),
-            &mut r.down,
-            |_, _| {}
         )
     )
 }
