@@ -9,8 +9,24 @@ use anyhow::Result;
 use crate::setup::{self, Purpose};
 use crate::util::{is_root, run, run_tee, say, secs, workspace};
 
-/// How long libFuzzer gets in the fuzz phase.
+/// How long libFuzzer gets in each fuzz phase.
 const FUZZ_SECONDS: u32 = 30;
+/// The fuzz phases: phase name, what it covers, cargo-fuzz target, and its committed seeds
+/// under `mux/fuzz/seeds`.
+const FUZZ_TARGETS: [(&str, &str, &str, &str); 2] = [
+    (
+        "fuzz",
+        "libFuzzer on the classifiers",
+        "classify",
+        "classify",
+    ),
+    (
+        "fuzz-tunnel",
+        "libFuzzer on the tunnel's CONNECT and agent requests",
+        "tunnel_request",
+        "tunnel",
+    ),
+];
 /// How long the soak phase's clients run.
 const SOAK_SECONDS: u32 = 60;
 
@@ -89,12 +105,14 @@ pub fn test(args: &Args) -> Result<ExitCode> {
         },
     ];
     if !args.no_fuzz {
-        phases.push(Phase {
-            name: "fuzz",
-            what: "libFuzzer on the classifiers",
-            cmd: fuzz_command(&ws.root),
-            counts_tests: false,
-        });
+        for (name, what, target, seeds) in FUZZ_TARGETS {
+            phases.push(Phase {
+                name,
+                what,
+                cmd: fuzz_command(&ws.root, target, seeds),
+                counts_tests: false,
+            });
+        }
     }
 
     let total = phases.len();
@@ -144,7 +162,9 @@ pub fn test(args: &Args) -> Result<ExitCode> {
         results.push((phase.name, outcome, took));
     }
     if args.no_fuzz {
-        results.push(("fuzz", Outcome::Skipped, Duration::ZERO));
+        for (name, ..) in FUZZ_TARGETS {
+            results.push((name, Outcome::Skipped, Duration::ZERO));
+        }
     }
 
     println!();
@@ -196,31 +216,27 @@ fn soak_command() -> Result<Command, String> {
     Ok(cmd)
 }
 
-fn fuzz_command(root: &std::path::Path) -> Result<Command, String> {
+fn fuzz_command(root: &std::path::Path, target: &str, seeds: &str) -> Result<Command, String> {
     let crate_dir = root.join("mux");
-    if !crate_dir.join("fuzz").is_dir() {
+    let source = crate_dir.join(format!("fuzz/fuzz_targets/{target}.rs"));
+    if !source.is_file() {
         return Err(format!(
-            "{} does not exist: the fuzz targets (cargo-fuzz crate with a `classify` target) are missing",
-            crate_dir.join("fuzz").display()
+            "{} does not exist: the fuzz target `{target}` is missing",
+            source.display()
         ));
     }
-    let _ = std::fs::create_dir_all(crate_dir.join("fuzz/corpus/classify"));
+    let corpus = format!("fuzz/corpus/{target}");
+    let _ = std::fs::create_dir_all(crate_dir.join(&corpus));
     let mut cmd = Command::new("cargo");
     cmd.current_dir(crate_dir)
         // The fuzz targets need only the user-space classifiers, and cargo-fuzz's RUSTFLAGS
         // (sanitizer, coverage) would leak into aya-build's nested build for the bpf target.
         .env("AYA_BUILD_SKIP", "1")
         // The first directory collects new inputs; the committed seeds (real
-        // ClientHellos, requests, banners) start the fuzzer deep in each probe.
-        .args([
-            "+nightly",
-            "fuzz",
-            "run",
-            "classify",
-            "fuzz/corpus/classify",
-            "fuzz/seeds/classify",
-            "--",
-        ])
+        // ClientHellos, requests, banners, CONNECTs) start the fuzzer deep in each parser.
+        .args(["+nightly", "fuzz", "run", target, &corpus])
+        .arg(format!("fuzz/seeds/{seeds}"))
+        .arg("--")
         .arg(format!("-max_total_time={FUZZ_SECONDS}"))
         .arg("-rss_limit_mb=4096");
     Ok(cmd)
