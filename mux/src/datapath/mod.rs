@@ -186,7 +186,7 @@ impl DataPath {
         let mut r = Relayed::default();
         let name = match self {
             DataPath::Copy => {
-                r.error = pair::<copy::Buffer>(client, &backend.stream, &mut r, |_, _| {})
+                r.error = pair::<copy::Buffer>(client, &backend.stream, &mut r, false, |_, _| {})
                     .await
                     .err();
                 "copy"
@@ -205,7 +205,11 @@ impl DataPath {
                     Some(Tracking::Watch(watch)) if bulk => watch.sends_in_bulk(),
                     _ => {}
                 };
-                r.error = pair::<splice::Pipe>(client, &backend.stream, &mut r, report)
+                // The kernel moves a published backend's bytes where mux
+                // cannot see them fail: a client that resets after its
+                // FIN must be noticed by watching it (see `pair`).
+                let watch = matches!(backend.tracking, Some(Tracking::Lease(_)));
+                r.error = pair::<splice::Pipe>(client, &backend.stream, &mut r, watch, report)
                     .await
                     .err();
                 "splice"
@@ -232,22 +236,93 @@ impl DataPath {
 /// Pumps both ways, each direction taking a bulk stage `B` (a pipe, a
 /// buffer) once its bytes come in bulk; `delivered` hears the running total
 /// given to the client, and whether it came in bulk.
+///
+/// `watch_client`: once the client has sent its FIN, end the pair if the
+/// client socket then hangs up (a reset) before the backend is done. Without
+/// it nothing would notice: mux no longer reads the client, and writes to
+/// it only what the backend sends through mux. On the kernel path that can
+/// be nothing at all while a backend waits to send, and the pair would stay
+/// open, its backend with it, until the backend closed on its own (seen in
+/// the soak: pairs left open after every client was gone).
 async fn pair<B: Bulk>(
     client: &TcpStream,
     backend: &TcpStream,
     r: &mut Relayed,
+    watch_client: bool,
     delivered: impl FnMut(u64, bool),
-) -> io::Result<((), ())> {
-    tokio::try_join!(
-        pump(client, backend, Adaptive::<B>::new(), &mut r.up, |_, _| {}),
-        pump(
-            backend,
-            client,
-            Adaptive::<B>::new(),
-            &mut r.down,
-            delivered
-        )
-    )
+) -> io::Result<()> {
+    let up = pump(client, backend, Adaptive::<B>::new(), &mut r.up, |_, _| {});
+    let down = pump(
+        backend,
+        client,
+        Adaptive::<B>::new(),
+        &mut r.down,
+        delivered,
+    );
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            // The pumps first: a backend that ends the pair by shutting the
+            // client's write side makes it hang up too, which is no reset.
+            biased;
+            res = &mut up, if !up_done => {
+                res?;
+                up_done = true;
+            }
+            res = &mut down, if !down_done => {
+                res?;
+                down_done = true;
+            }
+            () = hung_up(client), if watch_client && up_done => {
+                // A reset, not a FIN, for the backend: its client is gone,
+                // and a backend waiting to send (its sends went through the
+                // kernel) wakes at a reset, not at a close after our FIN.
+                let _ = backend.set_zero_linger();
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the client went away after its end of stream, before the backend's",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolves once `stream` has hung up: reset, or closed both ways (epoll's
+/// `EPOLLHUP`). Watched through a registration of its own, on a duplicate
+/// descriptor, so that the pump still writing to `stream` keeps its
+/// readiness. Never resolves if that registration cannot be made (out of
+/// descriptors, say): the pair then ends as it would without the watch.
+async fn hung_up(stream: &TcpStream) {
+    use std::os::fd::AsFd as _;
+    let watch = stream.as_fd().try_clone_to_owned().and_then(|fd| {
+        // Registered for errors only (tokio adds read interest, which epoll
+        // needs): nothing ever makes it writable, so waiting for
+        // writability waits for the hang-up alone, which epoll reports
+        // whatever was asked.
+        // SAFETY: an `OwnedFd` stays open, and is the same descriptor, for
+        // as long as the `AsyncFd` that owns it.
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, Interest::ERROR) }
+            .map_err(io::Error::from)
+    });
+    let watch = match watch {
+        Ok(watch) => watch,
+        Err(e) => {
+            log::debug!("cannot watch a half-closed client for a reset: {e}");
+            return std::future::pending().await;
+        }
+    };
+    loop {
+        match watch.ready(Interest::WRITABLE).await {
+            Ok(guard) if guard.ready().is_write_closed() => return,
+            Ok(mut guard) => guard.clear_ready(),
+            Err(e) => {
+                log::debug!("watching a half-closed client for a reset: {e}");
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -314,6 +314,15 @@ async fn soak_run(
         reading = Reading::take(mux, ebpf).await;
     }
     let settle_time = settle_start.elapsed();
+    if reading.as_ref().is_ok_and(|r| !settled(&base, r)) {
+        // What a failed run needs to be understood, before mux is stopped:
+        // the connections it still holds, their states and queues, and the
+        // backend ends they pair with.
+        say("soak", "not idle: mux's TCP sockets and their peers (ss)");
+        for line in observe::sockets_of(mux.pid) {
+            println!("    {line}");
+        }
+    }
     let end = match (mux.proc.check_alive(), reading) {
         (Ok(()), Ok(end)) => end,
         (Err(e), _) => {
