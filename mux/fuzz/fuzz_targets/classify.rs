@@ -4,6 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mux::classify::{Probe, Protocol, probe};
+use mux_fuzz::split_points;
 
 fuzz_target!(|data: &[u8]| {
     for protocol in Protocol::ALL {
@@ -25,16 +26,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-/// A few proper prefix lengths. Most come from the input's own first bytes,
-/// scaled to its length, so that the fuzzer learns to steer them; the rest
-/// are where off-by-one bugs live.
-fn split_points(data: &[u8]) -> impl Iterator<Item = usize> {
-    let len = data.len();
-    let steered = data
-        .iter()
-        .take(4)
-        .map(move |&b| usize::from(b) * len / 256);
-    let fixed = [0, 1, len.saturating_sub(1)];
-    steered.chain(fixed).filter(move |&end| end < len)
-}

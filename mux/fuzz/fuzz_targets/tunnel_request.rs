@@ -6,6 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mux::tunnel::request::{Parsed, credentials, parse};
+use mux_fuzz::split_points;
 
 fuzz_target!(|data: &[u8]| {
     let whole = parse(data);
@@ -34,15 +35,3 @@ fuzz_target!(|data: &[u8]| {
     // Header values reach it as they came.
     let _ = credentials(data);
 });
-
-/// A few proper prefix lengths, steered by the input's own first bytes (as
-/// in the classify target), plus the edges.
-fn split_points(data: &[u8]) -> impl Iterator<Item = usize> {
-    let len = data.len();
-    let steered = data
-        .iter()
-        .take(4)
-        .map(move |&b| usize::from(b) * len / 256);
-    let fixed = [0, 1, len.saturating_sub(1)];
-    steered.chain(fixed).filter(move |&end| end < len)
-}

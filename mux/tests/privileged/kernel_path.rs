@@ -553,6 +553,21 @@ fn bursts_around_the_handoff(mode: Mode) {
 /// A client, then a backend, killed in the middle of a download: the other
 /// side sees the connection close, mux serves the next one, and every map
 /// entry of the dead connections is gone.
+/// A client of `mux` that sent `go`, and the backend's end of its
+/// connection, handed over by [`handing_backend`].
+async fn open_pair(
+    mux: &Mux,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+) -> (TcpStream, TcpStream) {
+    let mut client = TcpStream::connect(mux.addr).await.unwrap();
+    client.write_all(b"go").await.unwrap();
+    let backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    (client, backend)
+}
+
 fn killed_mid_transfer(mode: Mode) {
     let rt = runtime();
     rt.block_on(async {
@@ -560,12 +575,7 @@ fn killed_mid_transfer(mode: Mode) {
         let mux = mode.start("", &[("any", "any", streamer)]);
 
         // The client vanishes (reset) while the backend streams.
-        let mut client = TcpStream::connect(mux.addr).await.unwrap();
-        client.write_all(b"go").await.unwrap();
-        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut client, mut backend) = open_pair(&mux, &mut rx).await;
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];
             loop {
@@ -584,12 +594,7 @@ fn killed_mid_transfer(mode: Mode) {
         assert!(saw_close.unwrap());
 
         // The backend vanishes while the client reads.
-        let mut client = TcpStream::connect(mux.addr).await.unwrap();
-        client.write_all(b"go").await.unwrap();
-        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut client, mut backend) = open_pair(&mux, &mut rx).await;
         backend.write_all(&vec![9u8; 300_000]).await.unwrap();
         backend.set_zero_linger().unwrap();
         drop(backend);
@@ -599,12 +604,7 @@ fn killed_mid_transfer(mode: Mode) {
         assert!(got.len() <= 300_000);
 
         // mux still serves, and forgot both.
-        let mut client = TcpStream::connect(mux.addr).await.unwrap();
-        client.write_all(b"go").await.unwrap();
-        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut client, mut backend) = open_pair(&mux, &mut rx).await;
         backend.write_all(b"still here").await.unwrap();
         let mut answer = [0u8; 10];
         client.read_exact(&mut answer).await.unwrap();
@@ -623,12 +623,7 @@ fn a_client_reset_after_its_fin_ends_the_pair() {
     runtime().block_on(async {
         let (backend_addr, mut rx) = handing_backend().await;
         let mut mux = Mode::Kernel.start("", &[("any", "any", backend_addr)]);
-        let mut client = TcpStream::connect(mux.addr).await.unwrap();
-        client.write_all(b"go").await.unwrap();
-        let mut backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut client, mut backend) = open_pair(&mux, &mut rx).await;
         // One bulk send first: the kernel takes the connection at once.
         backend.write_all(&vec![5u8; 1 << 20]).await.unwrap();
         let mut got = vec![0u8; 1 << 20];

@@ -329,6 +329,51 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// `ss`'s view (state, queues, TCP info) of the TCP sockets `pid` holds and of
+/// the sockets at their other ends, one line each; empty if `ss` cannot run.
+pub fn sockets_of(pid: u32) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("ss")
+        .args(["-tanpieomH"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    // A socket is a line that starts with its state, then indented lines.
+    let mut sockets: Vec<String> = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let words = line.split_whitespace().collect::<Vec<_>>().join(" ");
+        match sockets.last_mut() {
+            Some(last) if line.starts_with(char::is_whitespace) => {
+                last.push(' ');
+                last.push_str(&words);
+            }
+            _ => sockets.push(words),
+        }
+    }
+    // State, Recv-Q, Send-Q, local, peer.
+    let ends = |s: &str| {
+        let mut w = s.split(' ').skip(3);
+        (
+            w.next().unwrap_or("").to_string(),
+            w.next().unwrap_or("").to_string(),
+        )
+    };
+    let owned = format!("pid={pid},");
+    let held = |s: &String| s.contains(&owned) && !s.starts_with("LISTEN");
+    let other_ends: Vec<(String, String)> = sockets
+        .iter()
+        .filter(|s| held(s))
+        .map(|s| {
+            let (local, peer) = ends(s);
+            (peer, local)
+        })
+        .collect();
+    sockets
+        .into_iter()
+        .filter(|s| held(s) || other_ends.contains(&ends(s)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,49 +451,4 @@ mod tests {
         assert!(rss_kib(me).unwrap() > 0);
         assert!(status_field(me, "Threads").unwrap() >= 1);
     }
-}
-
-/// `ss`'s view (state, queues, TCP info) of the TCP sockets `pid` holds and of
-/// the sockets at their other ends, one line each; empty if `ss` cannot run.
-pub fn sockets_of(pid: u32) -> Vec<String> {
-    let Ok(out) = std::process::Command::new("ss")
-        .args(["-tanpieomH"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    // A socket is a line that starts with its state, then indented lines.
-    let mut sockets: Vec<String> = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let words = line.split_whitespace().collect::<Vec<_>>().join(" ");
-        match sockets.last_mut() {
-            Some(last) if line.starts_with(char::is_whitespace) => {
-                last.push(' ');
-                last.push_str(&words);
-            }
-            _ => sockets.push(words),
-        }
-    }
-    // State, Recv-Q, Send-Q, local, peer.
-    let ends = |s: &str| {
-        let mut w = s.split(' ').skip(3);
-        (
-            w.next().unwrap_or("").to_string(),
-            w.next().unwrap_or("").to_string(),
-        )
-    };
-    let owned = format!("pid={pid},");
-    let held = |s: &String| s.contains(&owned) && !s.starts_with("LISTEN");
-    let other_ends: Vec<(String, String)> = sockets
-        .iter()
-        .filter(|s| held(s))
-        .map(|s| {
-            let (local, peer) = ends(s);
-            (peer, local)
-        })
-        .collect();
-    sockets
-        .into_iter()
-        .filter(|s| held(s) || other_ends.contains(&ends(s)))
-        .collect()
 }
