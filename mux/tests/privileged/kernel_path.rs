@@ -550,9 +550,6 @@ fn bursts_around_the_handoff(mode: Mode) {
 
 // ---- failures and leaks ----------------------------------------------------
 
-/// A client, then a backend, killed in the middle of a download: the other
-/// side sees the connection close, mux serves the next one, and every map
-/// entry of the dead connections is gone.
 /// A client of `mux` that sent `go`, and the backend's end of its
 /// connection, handed over by [`handing_backend`].
 async fn open_pair(
@@ -568,6 +565,9 @@ async fn open_pair(
     (client, backend)
 }
 
+/// A client, then a backend, killed in the middle of a download: the other
+/// side sees the connection close, mux serves the next one, and every map
+/// entry of the dead connections is gone.
 fn killed_mid_transfer(mode: Mode) {
     let rt = runtime();
     rt.block_on(async {
