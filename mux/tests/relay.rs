@@ -78,6 +78,25 @@ async fn half_close_by_the_backend_keeps_the_client_sending() {
     }
 }
 
+/// A side that resets after its FIN, while the other side stays quiet, ends
+/// the pair at once and resets the other side, instead of leaving both
+/// connections open until the quiet side sends or closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_side_reset_after_its_fin_ends_the_pair() {
+    for dp in ["splice", "copy"] {
+        for leaver in [Leaver::Client, Leaver::Backend] {
+            let (backend, mut rx) = handing_backend().await;
+            let mut mux = Mux::with_config(&config(
+                &format!("datapath = \"{dp}\""),
+                &[("any", "any", backend)],
+            ))
+            .unwrap();
+            let (client, backend) = open_pair(&mux, &mut rx).await;
+            reset_after_fin(&mut mux, client, backend, leaver, dp).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_concurrent_connections_all_complete() {
     mux::privileges::raise_fd_limit().unwrap();

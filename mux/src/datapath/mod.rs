@@ -205,11 +205,11 @@ impl DataPath {
                     Some(Tracking::Watch(watch)) if bulk => watch.sends_in_bulk(),
                     _ => {}
                 };
-                // The kernel moves a published backend's bytes where mux
-                // cannot see them fail: a client that resets after its
-                // FIN must be noticed by watching it (see `pair`).
-                let watch = matches!(backend.tracking, Some(Tracking::Lease(_)));
-                r.error = pair::<splice::Pipe>(client, &backend.stream, &mut r, watch, report)
+                // The kernel moves a published backend's bytes into the
+                // client socket itself, which changes how its hang-up must
+                // be watched (see `pair`).
+                let kernel = matches!(backend.tracking, Some(Tracking::Lease(_)));
+                r.error = pair::<splice::Pipe>(client, &backend.stream, &mut r, kernel, report)
                     .await
                     .err();
                 "splice"
@@ -237,18 +237,22 @@ impl DataPath {
 /// buffer) once its bytes come in bulk; `delivered` hears the running total
 /// given to the client, and whether it came in bulk.
 ///
-/// `watch_client`: once the client has sent its FIN, end the pair if the
-/// client socket then hangs up (a reset) before the backend is done. Without
-/// it nothing would notice: mux no longer reads the client, and writes to
-/// it only what the backend sends through mux. On the kernel path that can
-/// be nothing at all while a backend waits to send, and the pair would stay
-/// open, its backend with it, until the backend closed on its own (seen in
-/// the soak: pairs left open after every client was gone).
+/// Once one side has sent its FIN, mux no longer reads it, and writes to it
+/// only what the other side still sends: a side that then goes away (a
+/// reset, a host gone) would go unnoticed for as long as the other side
+/// stays quiet, and the pair, the other side's connection with it, would
+/// stay open. So each side is watched for its hang-up from its FIN on, and
+/// the pair ends (HAProxy ends a session at such an error too). On the
+/// kernel path (`kernel`) this is not only about idle peers: the kernel
+/// moves the backend's sends into the client socket where mux cannot see
+/// them fail, and a non-blocking backend whose send failed there waits for
+/// good (seen in the soak: pairs left open after every client was gone,
+/// each backend stuck in a send).
 async fn pair<B: Bulk>(
     client: &TcpStream,
     backend: &TcpStream,
     r: &mut Relayed,
-    watch_client: bool,
+    kernel: bool,
     delivered: impl FnMut(u64, bool),
 ) -> io::Result<()> {
     let up = pump(client, backend, Adaptive::<B>::new(), &mut r.up, |_, _| {});
@@ -263,8 +267,9 @@ async fn pair<B: Bulk>(
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
-            // The pumps first: a backend that ends the pair by shutting the
-            // client's write side makes it hang up too, which is no reset.
+            // The pumps first: a pump that ends its direction shuts the
+            // other side's write half, which with that side's own FIN makes
+            // its socket hang up too, and that is no reset.
             biased;
             res = &mut up, if !up_done => {
                 res?;
@@ -274,14 +279,25 @@ async fn pair<B: Bulk>(
                 res?;
                 down_done = true;
             }
-            () = hung_up(client), if watch_client && up_done => {
+            () = client_gone(client, kernel), if up_done => {
                 // A reset, not a FIN, for the backend: its client is gone,
-                // and a backend waiting to send (its sends went through the
-                // kernel) wakes at a reset, not at a close after our FIN.
+                // and on the kernel path a backend waiting to send (its
+                // sends went through the kernel) wakes at a reset, not at a
+                // close after our FIN.
                 let _ = backend.set_zero_linger();
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionReset,
                     "the client went away after its end of stream, before the backend's",
+                ));
+            }
+            () = failed(backend), if down_done => {
+                // A plain close for the client, not a reset: the backend's
+                // last bytes may still wait in its socket, and a reset would
+                // throw them away. Whatever it sends from now on is answered
+                // with a reset by its kernel.
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the backend went away after its end of stream, before the client's",
                 ));
             }
         }
@@ -289,10 +305,35 @@ async fn pair<B: Bulk>(
     Ok(())
 }
 
+/// Resolves once the client, past its FIN, has gone away. See [`failed`];
+/// on the kernel path that is not enough: a redirected send of the backend
+/// that finds the client socket reset takes its error (the kernel reports a
+/// socket's error to the first call that meets it), and epoll then reports
+/// the hang-up alone. So there the hang-up is watched, through a
+/// registration of its own on a duplicate descriptor, so that the pump
+/// still writing to the client keeps its readiness (waiting for the
+/// hang-up on the shared one would mean waiting for writability).
+async fn client_gone(client: &TcpStream, kernel: bool) {
+    if kernel {
+        hung_up(client).await
+    } else {
+        failed(client).await
+    }
+}
+
+/// Resolves once `stream` has an error pending (a reset). No system call:
+/// it waits on the stream's own registration for the error readiness epoll
+/// always reports, which no pump clears. Only mux itself uses this socket,
+/// and a write of its own that took the error first fails the pair anyway.
+async fn failed(stream: &TcpStream) {
+    if let Err(e) = stream.ready(Interest::ERROR).await {
+        log::debug!("watching a half-closed peer for a reset: {e}");
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Resolves once `stream` has hung up: reset, or closed both ways (epoll's
-/// `EPOLLHUP`). Watched through a registration of its own, on a duplicate
-/// descriptor, so that the pump still writing to `stream` keeps its
-/// readiness. Never resolves if that registration cannot be made (out of
+/// `EPOLLHUP`). Never resolves if its registration cannot be made (out of
 /// descriptors, say): the pair then ends as it would without the watch.
 async fn hung_up(stream: &TcpStream) {
     use std::os::fd::AsFd as _;

@@ -220,6 +220,21 @@ pub async fn handing_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedRecei
     (addr, rx)
 }
 
+/// A client of `mux` that sent `go`, and the backend's end of its
+/// connection, handed over by [`handing_backend`].
+pub async fn open_pair(
+    mux: &Mux,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
+) -> (TcpStream, TcpStream) {
+    let mut client = TcpStream::connect(mux.addr).await.unwrap();
+    client.write_all(b"go").await.unwrap();
+    let backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    (client, backend)
+}
+
 /// Echoes everything, then closes when the client does.
 pub async fn echo_backend() -> SocketAddr {
     backend(|mut s| async move {
@@ -751,6 +766,72 @@ pub async fn backend_half_close(start: impl Fn(&[(&str, &str, SocketAddr)]) -> M
         .unwrap()
         .unwrap();
     assert_eq!(got, (payload.len() as u64, sha256(&payload)));
+}
+
+/// The side of a pair that goes away in [`reset_after_fin`].
+#[derive(Clone, Copy, Debug)]
+pub enum Leaver {
+    Client,
+    Backend,
+}
+
+/// On a pair from [`open_pair`] (`go` not yet read by the backend), the
+/// leaver sends its FIN, which reaches the other side, then resets while
+/// the other side stays quiet. mux must end the pair on its own (its log
+/// line names the side that went away and `datapath`) and close the quiet
+/// side's connection. A quiet backend is reset: its very first send fails
+/// (after a plain close it would be taken, and fail only later). A quiet
+/// client gets a plain close, which keeps what was still on its way to it:
+/// a send of its fails within a second.
+pub async fn reset_after_fin(
+    mux: &mut Mux,
+    client: TcpStream,
+    mut backend: TcpStream,
+    leaver: Leaver,
+    datapath: &str,
+) {
+    // What the quiet side still has to read before the leaver's FIN.
+    let (mut leaving, mut quiet, unread, gone): (_, _, &[u8], _) = match leaver {
+        Leaver::Client => (client, backend, b"go", "the client went away"),
+        Leaver::Backend => {
+            let mut request = [0u8; 2];
+            backend.read_exact(&mut request).await.unwrap();
+            (backend, client, b"", "the backend went away")
+        }
+    };
+    leaving.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("the {leaver:?}'s FIN never reached the other side"))
+        .unwrap();
+    assert_eq!(rest, unread);
+    leaving.set_zero_linger().unwrap();
+    drop(leaving);
+    let line = mux
+        .wait_log_async(gone, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("mux never ended the pair ({leaver:?} reset after its FIN): {e:#}")
+        });
+    assert!(line.contains(&format!("datapath={datapath}")), "{line}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match leaver {
+        Leaver::Client => {
+            let sent = quiet.try_write(b"anyone?");
+            assert!(sent.is_err(), "the backend was not reset: {sent:?}");
+        }
+        Leaver::Backend => {
+            let start = Instant::now();
+            while quiet.try_write(b"anyone?").is_ok() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(1),
+                    "mux still takes the client's bytes"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 /// An HTTP CONNECT sent to mux: the answer's head, and the socket after it.

@@ -550,21 +550,6 @@ fn bursts_around_the_handoff(mode: Mode) {
 
 // ---- failures and leaks ----------------------------------------------------
 
-/// A client of `mux` that sent `go`, and the backend's end of its
-/// connection, handed over by [`handing_backend`].
-async fn open_pair(
-    mux: &Mux,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>,
-) -> (TcpStream, TcpStream) {
-    let mut client = TcpStream::connect(mux.addr).await.unwrap();
-    client.write_all(b"go").await.unwrap();
-    let backend = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    (client, backend)
-}
-
 /// A client, then a backend, killed in the middle of a download: the other
 /// side sees the connection close, mux serves the next one, and every map
 /// entry of the dead connections is gone.
@@ -617,9 +602,9 @@ fn killed_mid_transfer(mode: Mode) {
 /// A client that sends its FIN, then resets while the backend, still
 /// connected, sends nothing: the backend's bytes would go through the kernel,
 /// where mux does not see them fail, so mux must notice the reset itself and
-/// end the pair (the soak once left such pairs open for good).
-#[test]
-fn a_client_reset_after_its_fin_ends_the_pair() {
+/// end the pair (the soak once left such pairs open for good). And the
+/// mirror: a backend that resets after its FIN while the client is quiet.
+fn reset_after_fin_on_the_kernel_path(leaver: Leaver) {
     runtime().block_on(async {
         let (backend_addr, mut rx) = handing_backend().await;
         let mut mux = Mode::Kernel.start("", &[("any", "any", backend_addr)]);
@@ -628,27 +613,19 @@ fn a_client_reset_after_its_fin_ends_the_pair() {
         backend.write_all(&vec![5u8; 1 << 20]).await.unwrap();
         let mut got = vec![0u8; 1 << 20];
         client.read_exact(&mut got).await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut request = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut request))
-            .await
-            .expect("the client's FIN never reached the backend")
-            .unwrap();
-        assert_eq!(request, b"go");
-        client.set_zero_linger().unwrap();
-        drop(client);
-        let line = mux
-            .wait_log_async("the client went away", Duration::from_secs(10))
-            .await
-            .expect("mux never ended the pair of a client that reset after its FIN");
-        assert!(line.contains("datapath=ebpf"), "{line}");
-        // The backend, idle until now, was reset: its very first send fails
-        // (after a plain close it would be taken, and fail only later).
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let sent = backend.try_write(b"anyone?");
-        assert!(sent.is_err(), "the backend was not reset: {sent:?}");
+        reset_after_fin(&mut mux, client, backend, leaver, "ebpf").await;
         assert_eq!(maps_drain(&mux).await, 0);
     });
+}
+
+#[test]
+fn a_client_reset_after_its_fin_ends_the_pair() {
+    reset_after_fin_on_the_kernel_path(Leaver::Client);
+}
+
+#[test]
+fn a_backend_reset_after_its_fin_ends_the_pair() {
+    reset_after_fin_on_the_kernel_path(Leaver::Backend);
 }
 
 /// Each check runs twice: on the kernel path and on the fallback.
