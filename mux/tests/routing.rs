@@ -281,6 +281,33 @@ fn every_example_config_checks() {
     );
 }
 
+/// The README's TOML blocks are configurations users copy: each must check.
+/// A block without `listen` is an excerpt of a larger file (the targets of
+/// "SSH to inner hosts"): it is checked with a `listen` and a route added.
+#[test]
+fn every_toml_block_in_the_readme_checks() {
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(readme).unwrap();
+    let dir = Scratch::new("readme");
+    let mut n = 0;
+    for (i, block) in text.split("```toml\n").skip(1).enumerate() {
+        let block = block.split("```").next().unwrap();
+        let whole = if block.lines().any(|l| l.starts_with("listen")) {
+            block.to_string()
+        } else {
+            format!(
+                "listen = [\"127.0.0.1:0\"]\n{block}\n[[route]]\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n"
+            )
+        };
+        let path = dir.write(&format!("block{i}.toml"), &whole);
+        let (status, out, err) = check(&path);
+        assert!(status.success(), "README block {i}: {err}\n{block}");
+        assert!(out.starts_with("configuration OK"), "{out}");
+        n += 1;
+    }
+    assert!(n >= 3, "expected the README's TOML blocks, found {n}");
+}
+
 #[test]
 fn check_names_file_line_and_key_and_fails() {
     let dir = Scratch::new("check");
