@@ -468,6 +468,7 @@ impl RunArgs {
             drain_timeout: Duration::from_secs(30),
             limits: Default::default(),
             max_kernel_bulk: None,
+            tcp_keepalive: config::Keepalive::System,
         })
     }
 }

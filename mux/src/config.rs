@@ -78,6 +78,40 @@ pub struct Config {
     /// `auto`: connections that may send in bulk on the kernel path at
     /// once; `None`: as many as half the CPUs (see `datapath::Kernel`).
     pub max_kernel_bulk: Option<usize>,
+    /// TCP keepalive on client connections.
+    pub tcp_keepalive: Keepalive,
+}
+
+/// TCP keepalive on client connections (`tcp_keepalive`). Without it a
+/// client whose host vanished (a laptop closed, a NAT that forgot the
+/// connection) would hold its connection, and its backend's, for good:
+/// sshd's own `TCPKeepAlive` only reaches mux, which always answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keepalive {
+    Off,
+    /// With the kernel's timers (`net.ipv4.tcp_keepalive_time`, 2 h, then
+    /// `tcp_keepalive_probes` probes `tcp_keepalive_intvl` apart).
+    System,
+    /// Probes after this long silent, then every as long (at most
+    /// [`Keepalive::MAX_INTERVAL`]), the kernel's count of them.
+    Idle(Duration),
+}
+
+impl Keepalive {
+    /// The kernel's default interval between probes: a long idle time
+    /// does not stretch it.
+    pub const MAX_INTERVAL: Duration = Duration::from_secs(75);
+    /// The kernel's limit on `TCP_KEEPIDLE` (`MAX_TCP_KEEPIDLE`).
+    const MAX_IDLE: Duration = Duration::from_secs(32767);
+
+    /// As `mux check` and the start-up log say it.
+    pub fn describe(self) -> String {
+        match self {
+            Keepalive::Off => "off".into(),
+            Keepalive::System => "on, kernel timers".into(),
+            Keepalive::Idle(d) => format!("after {d:?} silent"),
+        }
+    }
 }
 
 impl Config {
@@ -151,9 +185,10 @@ impl Config {
         }
         out.push('\n');
         out.push_str(&format!(
-            "listen: {}; datapath: {}\n",
+            "listen: {}; datapath: {}; tcp keepalive: {}\n",
             self.listen.join(", "),
-            self.datapath.name()
+            self.datapath.name(),
+            self.tcp_keepalive.describe()
         ));
         if self.routes_per_request() {
             out.push_str("http: routed per request (path prefixes); other connections spliced\n");
@@ -225,24 +260,48 @@ struct DurationValue(Duration);
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match DurationOrSwitch::deserialize(d)? {
+            DurationOrSwitch::Duration(d) => Ok(DurationValue(d)),
+            DurationOrSwitch::Switch(_) => Err(serde::de::Error::custom(
+                "expected a duration such as \"2s\", \"500ms\" or a number of seconds, not true or false",
+            )),
+        }
+    }
+}
+
+/// A duration as [`DurationValue`] reads it, or `true` / `false` for keys
+/// that can be switched on or off as well (`tcp_keepalive`).
+#[derive(Debug, Clone, Copy)]
+enum DurationOrSwitch {
+    Duration(Duration),
+    Switch(bool),
+}
+
+impl<'de> Deserialize<'de> for DurationOrSwitch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl serde::de::Visitor<'_> for V {
-            type Value = DurationValue;
+            type Value = DurationOrSwitch;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a duration such as \"2s\", \"500ms\" or a number of seconds")
             }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationValue, E> {
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<DurationOrSwitch, E> {
+                Ok(DurationOrSwitch::Switch(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DurationOrSwitch, E> {
                 u64::try_from(v)
-                    .map(|s| DurationValue(Duration::from_secs(s)))
+                    .map(|s| DurationOrSwitch::Duration(Duration::from_secs(s)))
                     .map_err(|_| E::custom("a duration cannot be negative"))
             }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DurationValue, E> {
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<DurationOrSwitch, E> {
                 Duration::try_from_secs_f64(v)
-                    .map(DurationValue)
+                    .map(DurationOrSwitch::Duration)
                     .map_err(E::custom)
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationValue, E> {
-                parse_duration(v).map(DurationValue).map_err(E::custom)
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationOrSwitch, E> {
+                parse_duration(v)
+                    .map(DurationOrSwitch::Duration)
+                    .map_err(E::custom)
             }
         }
         d.deserialize_any(V)
@@ -307,6 +366,7 @@ struct RawConfig {
     max_connections: Option<Spanned<i64>>,
     max_connections_per_source: Option<Spanned<i64>>,
     max_kernel_bulk: Option<Spanned<i64>>,
+    tcp_keepalive: Option<Spanned<DurationOrSwitch>>,
     /// The token for targets that set none of their own.
     token: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
@@ -487,6 +547,7 @@ impl Validator<'_> {
                 .count(raw.max_connections_per_source, "max_connections_per_source")?,
         };
         let max_kernel_bulk = self.count(raw.max_kernel_bulk, "max_kernel_bulk")?;
+        let tcp_keepalive = self.keepalive(raw.tcp_keepalive)?;
         let global_token = self.token(raw.token, raw.token_file)?;
         let targets = self.targets(raw.target, global_token)?;
 
@@ -505,6 +566,36 @@ impl Validator<'_> {
             drain_timeout,
             limits,
             max_kernel_bulk,
+            tcp_keepalive,
+        })
+    }
+
+    /// On unless `false`; a duration sets the idle time, in whole seconds
+    /// as the kernel counts it.
+    fn keepalive(
+        &self,
+        value: Option<Spanned<DurationOrSwitch>>,
+    ) -> Result<Keepalive, ConfigError> {
+        let Some(v) = value else {
+            return Ok(Keepalive::System);
+        };
+        let span = v.span();
+        Ok(match v.into_inner() {
+            DurationOrSwitch::Switch(true) => Keepalive::System,
+            DurationOrSwitch::Switch(false) => Keepalive::Off,
+            DurationOrSwitch::Duration(d) => {
+                if d < Duration::from_secs(1) || d > Keepalive::MAX_IDLE || d.subsec_nanos() != 0 {
+                    return Err(self.invalid(
+                        span,
+                        "tcp_keepalive",
+                        format!(
+                            "{d:?} is not a whole number of seconds from 1s to {:?} (or write true or false)",
+                            Keepalive::MAX_IDLE
+                        ),
+                    ));
+                }
+                Keepalive::Idle(d)
+            }
         })
     }
 
@@ -870,6 +961,33 @@ backend = "127.0.0.1:8443"
     }
 
     #[test]
+    fn tcp_keepalive_is_on_off_or_an_idle_time() {
+        let keepalive = |line: &str| {
+            Config::parse(&format!("{line}\n{EXAMPLE}"), "x.toml")
+                .unwrap()
+                .tcp_keepalive
+        };
+        assert_eq!(keepalive(""), Keepalive::System);
+        assert_eq!(keepalive("tcp_keepalive = true"), Keepalive::System);
+        assert_eq!(keepalive("tcp_keepalive = false"), Keepalive::Off);
+        assert_eq!(
+            keepalive("tcp_keepalive = \"10m\""),
+            Keepalive::Idle(Duration::from_secs(600))
+        );
+        assert_eq!(
+            keepalive("tcp_keepalive = 30"),
+            Keepalive::Idle(Duration::from_secs(30))
+        );
+        for bad in ["0", "\"500ms\"", "\"1.5s\"", "\"10h\"", "\"soon\""] {
+            let e = err(&format!("tcp_keepalive = {bad}\n{EXAMPLE}"));
+            assert!(
+                e.contains("tcp_keepalive") && (e.contains(":1:") || e.contains("line 1")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_issue_example_parses() {
         let c = Config::parse(EXAMPLE, "x.toml").unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:2222"]);
@@ -917,6 +1035,7 @@ backend = "127.0.0.1:8443"
             ("datapath = \"fast\"", "datapath", 2),
             ("classify_timeout = \"2 fortnights\"", "classify_timeout", 2),
             ("classify_timeout = 0", "classify_timeout", 2),
+            ("classify_timeout = true", "classify_timeout", 2),
             ("on_timeout = \"nope\"", "on_timeout", 2),
         ];
         for (line, key, n) in cases {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::ReloadRequest;
 use crate::balance::{Balance, Handoff, Slot};
-use crate::config::Config;
+use crate::config::{Config, Keepalive};
 use crate::connection::{self, Shared};
 use crate::datapath::DataPath;
 use crate::metrics::ResultLabels;
@@ -112,7 +112,13 @@ enum Order {
 impl Server {
     pub async fn bind(shared: Shared) -> Result<Server, BindError> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let bound = bind_all(&shared.config.listen, workers, &shared.datapath).await?;
+        let bound = bind_all(
+            &shared.config.listen,
+            workers,
+            &shared.datapath,
+            shared.config.tcp_keepalive,
+        )
+        .await?;
         Ok(Server {
             live: Arc::new(Live::new(shared)),
             workers,
@@ -293,9 +299,15 @@ impl Server {
             .filter(|spec| !self.bound.iter().any(|b| &b.spec == *spec))
             .cloned()
             .collect();
-        let added = bind_all(&new_specs, self.workers, &old.datapath)
-            .await
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let added = bind_all(
+            &new_specs,
+            self.workers,
+            &old.datapath,
+            config.tcp_keepalive,
+        )
+        .await
+        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+
         let removed: Vec<SocketAddr> = self
             .bound
             .iter()
@@ -314,6 +326,16 @@ impl Server {
             for (w, tx) in orders.iter().enumerate() {
                 if let Ok(dup) = b.sockets[w].try_clone() {
                     let _ = tx.send(Order::Accept(b.addr, dup));
+                }
+            }
+        }
+        let keepalive = new.config.tcp_keepalive;
+        if keepalive != old.config.tcp_keepalive {
+            // On the listening sockets, for the connections they accept
+            // from now on (the ones just added have it already).
+            for socket in self.bound.iter().flat_map(|b| &b.sockets) {
+                if let Err(e) = keep_alive(socket, keepalive) {
+                    log::warn!("reload: cannot set tcp_keepalive on a listening socket: {e}");
                 }
             }
         }
@@ -338,6 +360,9 @@ impl Server {
         }
         for a in &removed {
             done.push_str(&format!(", no longer listening on {a}"));
+        }
+        if keepalive != old.config.tcp_keepalive {
+            done.push_str(&format!(", tcp keepalive {}", keepalive.describe()));
         }
         if takeover_changed {
             match self.take_over() {
@@ -380,11 +405,12 @@ async fn bind_all(
     listen: &[String],
     workers: usize,
     datapath: &DataPath,
+    keepalive: Keepalive,
 ) -> Result<Vec<Bound>, BindError> {
     let mut bound = Vec::new();
     for (spec, a) in resolve_all(listen).await? {
         let bind_error = |source| BindError::Bind { addr: a, source };
-        let first = listen_on(a).map_err(bind_error)?;
+        let first = listen_on(a, keepalive).map_err(bind_error)?;
         // Port 0 asked for any port: the other workers take the same.
         let a = SocketAddr::new(a.ip(), first.local_addr().map_err(bind_error)?.port());
         if let DataPath::Kernel(kernel) = datapath {
@@ -394,7 +420,9 @@ async fn bind_all(
         }
         let mut sockets = vec![first];
         for _ in 1..workers {
-            sockets.push(listen_on(a).map_err(|source| BindError::Bind { addr: a, source })?);
+            sockets.push(
+                listen_on(a, keepalive).map_err(|source| BindError::Bind { addr: a, source })?,
+            );
         }
         bound.push(Bound {
             spec,
@@ -497,7 +525,7 @@ async fn worker(
     }
 }
 
-fn listen_on(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn listen_on(addr: SocketAddr, keepalive: Keepalive) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
@@ -516,9 +544,25 @@ fn listen_on(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     // connection: every client socket wants it (keystrokes and streamed
     // tokens must not wait for Nagle; bulk fills its segments anyway).
     socket.set_tcp_nodelay(true)?;
+    keep_alive(&socket, keepalive)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// Sets TCP keepalive on a listening socket: the sockets it accepts inherit
+/// it (and its timers), so it costs nothing per connection.
+fn keep_alive(socket: impl std::os::fd::AsFd, keepalive: Keepalive) -> io::Result<()> {
+    let socket = socket2::SockRef::from(&socket);
+    match keepalive {
+        Keepalive::Off => socket.set_keepalive(false),
+        Keepalive::System => socket.set_keepalive(true),
+        Keepalive::Idle(idle) => socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(idle.min(Keepalive::MAX_INTERVAL)),
+        ),
+    }
 }
 
 /// Out of descriptors, every worker's accept loop pauses; one line a second
@@ -591,21 +635,48 @@ impl LogThrottle {
 mod tests {
     use super::*;
 
-    /// Client sockets get `TCP_NODELAY` only from their listener: mux no
-    /// longer sets it on each.
-    #[test]
-    fn accepted_sockets_have_nodelay() {
-        let listener = listen_on("127.0.0.1:0".parse().unwrap()).unwrap();
+    /// A client socket accepted by a listener made with `keepalive`.
+    fn accepted(keepalive: Keepalive) -> std::net::TcpStream {
+        let listener = listen_on("127.0.0.1:0".parse().unwrap(), keepalive).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = loop {
+        loop {
             match listener.accept() {
-                Ok(pair) => break pair,
+                Ok((accepted, _)) => return accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => panic!("accept: {e}"),
             }
-        };
-        assert!(accepted.nodelay().unwrap());
+        }
+    }
+
+    /// Client sockets get `TCP_NODELAY` only from their listener: mux no
+    /// longer sets it on each.
+    #[test]
+    fn accepted_sockets_have_nodelay() {
+        assert!(accepted(Keepalive::System).nodelay().unwrap());
+    }
+
+    /// Keepalive and its timers, too, come from the listener alone.
+    #[test]
+    fn accepted_sockets_have_the_keepalive_asked_for() {
+        let system = accepted(Keepalive::System);
+        assert!(socket2::SockRef::from(&system).keepalive().unwrap());
+        let idle = accepted(Keepalive::Idle(Duration::from_secs(7)));
+        let idle = socket2::SockRef::from(&idle);
+        assert!(idle.keepalive().unwrap());
+        assert_eq!(idle.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            idle.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(7)
+        );
+        let long = accepted(Keepalive::Idle(Duration::from_secs(3600)));
+        let long = socket2::SockRef::from(&long);
+        assert_eq!(
+            long.tcp_keepalive_interval().unwrap(),
+            Keepalive::MAX_INTERVAL
+        );
+        let off = accepted(Keepalive::Off);
+        assert!(!socket2::SockRef::from(&off).keepalive().unwrap());
     }
 }

@@ -11,6 +11,7 @@
 mod common;
 
 mod privileged {
+    mod keepalive;
     mod kernel_path;
     mod netns;
     mod programs;

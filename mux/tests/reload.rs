@@ -547,3 +547,60 @@ async fn a_reload_drops_a_listener_added_next_to_a_port_zero_one() {
     refused_soon(second_addr).await.unwrap();
     assert_eq!(served_by(mux.addr).await.unwrap(), "web /x");
 }
+
+/// Whether mux's end of the connection from local port `client` to mux's
+/// `port` runs a keepalive timer, as `ss` shows it.
+fn keepalive_timer(port: u16, client: u16) -> bool {
+    let filter = format!("( sport = :{port} and dport = :{client} )");
+    let (status, out, err) = run(
+        Command::new("ss").args(["-tnoH", "state", "established", &filter]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(status.success() && !out.trim().is_empty(), "ss: {out}{err}");
+    out.contains("timer:(keepalive")
+}
+
+/// Client connections have TCP keepalive unless the file says
+/// `tcp_keepalive = false`, and a reload that changes it applies to the
+/// connections accepted from then on (the listening sockets pass it on).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_tcp_keepalive_for_new_connections() {
+    assert!(can_run("ss (iproute2)", have_tool("ss")));
+    let web = http_backend("web").await;
+    let dir = Scratch::new("reload-keepalive");
+    let file = dir.path("mux.toml");
+    let (mut mux, port) = mux_on_free_port(&file, web).unwrap();
+    let mut held = Vec::new();
+    // The default first, then what each turn set.
+    let mut was = true;
+    for (n, (line, says, timer)) in [
+        ("tcp_keepalive = false\n", "tcp keepalive off", false),
+        (
+            "tcp_keepalive = \"20s\"\n",
+            "tcp keepalive after 20s silent",
+            true,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = TcpStream::connect(mux.addr).await.unwrap();
+        let client = before.local_addr().unwrap().port();
+        assert_eq!(keepalive_timer(port, client), was, "before: {line}");
+        held.push(before);
+        std::fs::write(&file, format!("{line}{}", listen_on(&[port], web))).unwrap();
+        hup(&mux).unwrap();
+        wait_count(&mux, "reload: 1 route(s)", n + 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let reloaded = mux.wait_log_async(says, Duration::ZERO).await.unwrap();
+        assert!(reloaded.contains("reload: "), "{reloaded}");
+        let after = TcpStream::connect(mux.addr).await.unwrap();
+        let client = after.local_addr().unwrap().port();
+        assert_eq!(keepalive_timer(port, client), timer, "after: {line}");
+        held.push(after);
+        was = timer;
+    }
+    assert_eq!(served_by(mux.addr).await.unwrap(), "web /x");
+}

@@ -1,0 +1,77 @@
+//! A client host that drops off the network without a FIN or a reset: mux's
+//! TCP keepalive finds it gone, ends the pair and closes the backend's
+//! connection, between two network namespaces this test builds (addresses
+//! of the documentation range 192.0.2.0/24 only).
+
+use std::time::Duration;
+
+use super::netns::{Lab, SERVER_V4, in_ns};
+use crate::common::*;
+
+/// The backend in the server host: takes one connection, says so, and says
+/// how it ended.
+const BACKEND: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 9000))
+s.listen()
+c, _ = s.accept()
+print("backend: accepted", file=sys.stderr, flush=True)
+while True:
+    try:
+        data = c.recv(65536)
+    except OSError as e:
+        print("backend: closed,", e, file=sys.stderr, flush=True)
+        break
+    if not data:
+        print("backend: closed, end of stream", file=sys.stderr, flush=True)
+        break
+"#;
+
+/// The client in the client host: connects, says hello, then waits silent.
+fn client_script(port: u16) -> String {
+    format!(
+        "import socket, time\ns = socket.create_connection(({SERVER_V4:?}, {port}))\ns.sendall(b'hello')\ntime.sleep(120)\n"
+    )
+}
+
+#[test]
+fn a_client_gone_silent_is_found_by_keepalive() {
+    assert!(can_run("python3", have_tool("python3")));
+    let lab = Lab::new();
+    let mut backend = Logged::spawn(
+        in_ns(&lab.server, "python3").args(["-c", BACKEND]),
+        "backend",
+    )
+    .unwrap();
+    assert!(lab.wait_listening(9000), "the backend does not listen");
+    let wrapper = ["ip", "netns", "exec", lab.server.as_str()];
+    // Probes after 1 s silent, then every second; the kernel gives up after
+    // its 9 (`tcp_keepalive_probes`): about 10 s.
+    let mut mux = Mux::with_config_under(
+        &wrapper,
+        &format!(
+            "listen = \"{SERVER_V4}:0\"\ntcp_keepalive = \"1s\"\n[[route]]\nprotocol = \"any\"\nbackend = \"127.0.0.1:9000\"\n"
+        ),
+    )
+    .unwrap();
+    let _client = Proc(
+        in_ns(&lab.client, "python3")
+            .args(["-c", &client_script(mux.addr.port())])
+            .spawn()
+            .unwrap(),
+    );
+    backend
+        .wait_log("backend: accepted", Duration::from_secs(10))
+        .unwrap();
+    lab.cut_client();
+    let closed = backend
+        .wait_log("backend: closed", Duration::from_secs(30))
+        .expect("the backend's connection outlived its client's host");
+    let line = mux
+        .wait_log("timed out", Duration::from_secs(5))
+        .expect("mux did not say why the connection ended");
+    assert!(line.contains("route=any"), "{line}");
+    println!("{closed}\n{line}");
+}
