@@ -307,7 +307,6 @@ impl Server {
         )
         .await
         .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-
         let removed: Vec<SocketAddr> = self
             .bound
             .iter()
