@@ -4,8 +4,9 @@
 //! Attached to the network namespace through a link that only the mux
 //! process holds: when mux exits, is killed or crashes, the link closes and
 //! the next connection to port 22 reaches sshd again, which keeps listening
-//! there untouched. Connections from loopback are never steered, so mux's
-//! own connection to 127.0.0.1:22 reaches sshd.
+//! there untouched. Connections from or to loopback are never steered, so
+//! mux's own connection to 127.0.0.1:22 reaches sshd, also when it comes
+//! from a client's address (a `transparent` route).
 
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
 use mux_common::{FAMILY_INET, FAMILY_INET6, LISTENER_V4, LISTENER_V6};
@@ -32,13 +33,16 @@ fn steer(ctx: &SkLookupContext) {
     let l = ctx.lookup;
     // SAFETY: `l` is this run's context; fields are read by raw address,
     // each with the 4-byte loads the verifier accepts.
-    let (protocol, family, port, remote_ip4, remote_ip6) = unsafe {
+    let (protocol, family, port, ip4, ip6) = unsafe {
         (
             (*l).protocol,
             (*l).family,
             (*l).local_port,
-            (*l).remote_ip4,
-            read_words((&raw const (*l).remote_ip6).cast()),
+            [(*l).remote_ip4, (*l).local_ip4],
+            [
+                read_words((&raw const (*l).remote_ip6).cast()),
+                read_words((&raw const (*l).local_ip6).cast()),
+            ],
         )
     };
     if protocol != TCP {
@@ -49,12 +53,12 @@ fn steer(ctx: &SkLookupContext) {
         return;
     }
     let index = if family == FAMILY_INET {
-        if is_loopback_v4(remote_ip4) {
+        if is_loopback_v4(ip4[0]) || is_loopback_v4(ip4[1]) {
             return;
         }
         LISTENER_V4
     } else if family == FAMILY_INET6 {
-        if is_loopback_v6(&remote_ip6) {
+        if is_loopback_v6(&ip6[0]) || is_loopback_v6(&ip6[1]) {
             return;
         }
         LISTENER_V6

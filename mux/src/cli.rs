@@ -193,7 +193,9 @@ pub struct RunArgs {
     /// More logging: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    #[arg(long, hide = true)]
+    /// Connect to each backend from the client's own address, so that sshd
+    /// and other backends see it (every route; backends on loopback only).
+    #[arg(long)]
     pub transparent: bool,
     #[arg(short = 'i', long, hide = true)]
     pub inetd: bool,
@@ -292,6 +294,16 @@ impl RunArgs {
         if !self.http_route.is_empty() {
             self.add_http_routes(&mut config)?;
         }
+        if self.transparent {
+            let mut routes = config.router.routes().to_vec();
+            for route in &mut routes {
+                crate::transparent::loopback_backend(&route.backend).map_err(|m| {
+                    flag_error("--transparent", format!("route `{}`: {m}", route.name))
+                })?;
+                route.transparent = true;
+            }
+            config.router = Router::new(routes);
+        }
         if let Some(addr) = &self.admin {
             config::check_listen(addr).map_err(|m| flag_error("--admin", m))?;
             config.admin = Some(addr.clone());
@@ -380,11 +392,6 @@ impl RunArgs {
     }
 
     fn refuse_unsupported(&self) -> Result<(), CliError> {
-        if self.transparent {
-            return Err(CliError::Unsupported(
-                "--transparent: mux does not do transparent proxying; backends see connections from mux",
-            ));
-        }
         if self.inetd {
             return Err(CliError::Unsupported("--inetd: mux runs as a daemon only"));
         }
@@ -519,6 +526,37 @@ mod tests {
     }
 
     #[test]
+    fn transparent_makes_every_route_transparent_and_wants_loopback_backends() {
+        let sslh = [
+            "--transparent",
+            "-p",
+            "0.0.0.0:443",
+            "--ssh",
+            "127.0.0.1:22",
+            "--tls",
+            "localhost:8443",
+        ];
+        let c = config(&sslh).unwrap();
+        assert!(c.router.routes().iter().all(|r| r.transparent));
+        assert!(c.describe().contains("transparent"), "{}", c.describe());
+        assert!(
+            config(&sslh[1..])
+                .unwrap()
+                .router
+                .routes()
+                .iter()
+                .all(|r| !r.transparent)
+        );
+        let e = config(&["--transparent", "-p", "0.0.0.0:443", "--ssh", "10.0.0.5:22"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--transparent: route `ssh`") && e.contains("loopback"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn sslh_flags_keep_command_line_order_with_anyprot_last() {
         let c = config(&[
             "-p",
@@ -577,7 +615,6 @@ mod tests {
         assert!(msg(&["--datapath", "warp"]).starts_with("--datapath:"));
         assert!(msg(&["--timeout", "0"]).starts_with("--timeout:"));
         assert!(msg(&["--listen", "2222"]).starts_with("--listen:"));
-        assert!(msg(&["--transparent"]).contains("transparent"));
         assert!(msg(&["-Fsslh.cfg"]).contains("libconfig"));
         assert!(msg(&["--config", "x.toml", "--ssh", "a:1"]).starts_with("--config:"));
     }

@@ -1,5 +1,6 @@
 //! The configuration: TOML schema (serde, unknown keys refused) validated into a [`Config`].
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
@@ -123,6 +124,19 @@ impl Config {
         self.router.routes().iter().any(|r| r.path_prefix.is_some())
     }
 
+    /// The loopback ports (per family) of transparent routes' backends,
+    /// whose answers must come back to mux (see `transparent`).
+    pub fn transparent_ports(&self) -> BTreeSet<(crate::transparent::Family, u16)> {
+        let mut ports = BTreeSet::new();
+        for route in self.router.routes().iter().filter(|r| r.transparent) {
+            // Checked when the route was made.
+            if let Ok((families, port)) = crate::transparent::loopback_backend(&route.backend) {
+                ports.extend(families.into_iter().map(|f| (f, port)));
+            }
+        }
+        ports
+    }
+
     /// The HTTP routes, in file order, for the HTTP layer.
     pub fn http_routes(&self) -> Vec<crate::http::HttpRoute> {
         self.router
@@ -136,6 +150,7 @@ impl Config {
                 strip_prefix: r.strip_prefix,
                 backend: r.backend.clone(),
                 proxy_protocol: r.proxy_protocol,
+                transparent: r.transparent,
             })
             .collect()
     }
@@ -404,6 +419,7 @@ struct RawRoute {
     strip_prefix: Option<Spanned<bool>>,
     backend: Spanned<String>,
     proxy_protocol: Option<Spanned<String>>,
+    transparent: Option<Spanned<bool>>,
     max_connections: Option<Spanned<i64>>,
 }
 
@@ -873,6 +889,14 @@ impl Validator<'_> {
             crate::proxy_protocol::Version::parse,
             "v1, v2",
         )?;
+        let transparent = match raw.transparent {
+            Some(t) if *t.get_ref() => {
+                crate::transparent::loopback_backend(&backend)
+                    .map_err(|m| self.invalid(t.span(), "transparent", m))?;
+                true
+            }
+            _ => false,
+        };
         let max_connections = self.count(raw.max_connections, "max_connections")?;
         Ok(Route {
             name,
@@ -888,6 +912,7 @@ impl Validator<'_> {
             strip_prefix: raw.strip_prefix.is_some_and(|s| *s.get_ref()),
             backend,
             proxy_protocol,
+            transparent,
             max_connections,
         })
     }
@@ -1103,6 +1128,35 @@ backend = "127.0.0.1:8443"
         let e = err(dup);
         assert!(
             e.contains("test.toml:5: `name`") && e.contains("two routes are named `tls`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn transparent_routes_need_a_loopback_backend() {
+        let route = |backend: &str, t: &str| {
+            format!(
+                "listen = \"0.0.0.0:443\"\n[[route]]\nprotocol = \"ssh\"\nbackend = \"{backend}\"\n{t}\n[[route]]\nprotocol = \"any\"\nbackend = \"[::1]:80\"\ntransparent = true\n"
+            )
+        };
+        let c = Config::parse(&route("localhost:22", "transparent = true"), "t").unwrap();
+        let ports: Vec<_> = c.transparent_ports().into_iter().collect();
+        use crate::transparent::Family::{V4, V6};
+        assert_eq!(ports, vec![(V4, 22), (V6, 22), (V6, 80)]);
+        assert!(c.describe().contains("transparent"), "{}", c.describe());
+        let c = Config::parse(&route("127.0.0.1:22", "transparent = false"), "t").unwrap();
+        assert_eq!(
+            c.transparent_ports().into_iter().collect::<Vec<_>>(),
+            vec![(V6, 80)]
+        );
+        let e = err(&route("10.0.0.5:22", "transparent = true"));
+        assert!(
+            e.contains("test.toml:5: `transparent`") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = err(&route("127.0.0.1:22", "transparent = \"yes\""));
+        assert!(
+            e.contains("line 5") && e.contains("expected a boolean"),
             "{e}"
         );
     }

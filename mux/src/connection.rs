@@ -236,7 +236,12 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
     });
     let backend = match shared
         .datapath
-        .connect(&client, &route.backend, shared.config.connect_timeout)
+        .connect(
+            &client,
+            &route.backend,
+            shared.config.connect_timeout,
+            route.transparent.then_some(peer),
+        )
         .await
     {
         Ok(b) => b,

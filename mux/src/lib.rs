@@ -22,6 +22,7 @@ pub mod sched;
 pub mod server;
 pub mod status;
 pub mod takeover;
+pub mod transparent;
 pub mod tunnel;
 
 use std::future::Future;

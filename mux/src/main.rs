@@ -118,6 +118,15 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         let (datapath, why) = DataPath::select(config.datapath, config.max_kernel_bulk)?;
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
+        let transparent = !config.transparent_ports().is_empty();
+        if transparent {
+            mux::transparent::probe().context("transparent routes")?;
+            log::info!(
+                "{}",
+                mux::transparent::route_answers(&config.transparent_ports())
+                    .context("transparent routes")?
+            );
+        }
         let admin_addr = config.admin.clone();
         let takeover = config.takeover.clone();
         let kernel = match &datapath {
@@ -161,8 +170,19 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         }
         let _pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
         if let Some(user) = &args.user {
-            privileges::drop_to_user(user)?;
-            log::info!("running as user {user}");
+            privileges::drop_to_user(user, transparent)?;
+            log::info!(
+                "running as user {user}{}",
+                if transparent {
+                    ", keeping CAP_NET_RAW for transparent routes"
+                } else {
+                    ""
+                }
+            );
+            if transparent {
+                mux::transparent::probe()
+                    .context("transparent routes cannot go on after --user")?;
+            }
             if let Some(kernel) = &kernel {
                 kernel
                     .after_privileges_dropped()

@@ -21,7 +21,10 @@ pub enum PrivilegeError {
 
 /// Switches the whole process (every thread: glibc's set*id broadcast to
 /// them) to `user` and its primary group, dropping supplementary groups.
-pub fn drop_to_user(user: &str) -> Result<(), PrivilegeError> {
+/// With `keep_net_raw`, the calling thread, and the threads it starts
+/// afterwards (they inherit it), keep CAP_NET_RAW and nothing else: what
+/// binding a client's address for a transparent route needs.
+pub fn drop_to_user(user: &str, keep_net_raw: bool) -> Result<(), PrivilegeError> {
     let (uid, gid) = lookup_user(user)?;
     let fail = |step, source| PrivilegeError::Switch {
         user: user.to_string(),
@@ -31,6 +34,9 @@ pub fn drop_to_user(user: &str) -> Result<(), PrivilegeError> {
     // Order matters: groups and gid can only be changed while still root.
     // SAFETY: plain syscalls wrappers with valid arguments.
     unsafe {
+        if keep_net_raw && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            return Err(fail("prctl(PR_SET_KEEPCAPS)", io::Error::last_os_error()));
+        }
         if libc::setgroups(1, &gid) != 0 {
             return Err(fail("setgroups", io::Error::last_os_error()));
         }
@@ -41,6 +47,48 @@ pub fn drop_to_user(user: &str) -> Result<(), PrivilegeError> {
             return Err(fail("setuid", io::Error::last_os_error()));
         }
     }
+    if keep_net_raw {
+        keep_only_net_raw().map_err(|e| fail("capset", e))?;
+    }
+    Ok(())
+}
+
+/// Narrows this thread's capabilities to CAP_NET_RAW, permitted and
+/// effective (setuid kept them permitted, cleared the effective set).
+fn keep_only_net_raw() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // linux/capability.h.
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_RAW: u32 = 13;
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    data[0].effective = 1 << CAP_NET_RAW;
+    data[0].permitted = 1 << CAP_NET_RAW;
+    // SAFETY: capset reads a version 3 header and two data words.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; later set*id calls need not keep anything.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     Ok(())
 }
 

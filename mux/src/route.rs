@@ -40,6 +40,16 @@ impl Backend {
     pub fn as_str(&self) -> &str {
         &self.addr
     }
+
+    /// The host (without brackets) and the port.
+    pub fn host_port(&self) -> (&str, u16) {
+        let (host, port) = self.addr.rsplit_once(':').expect("checked by parse");
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        (host, port.parse().expect("checked by parse"))
+    }
 }
 
 impl fmt::Display for Backend {
@@ -121,6 +131,9 @@ pub struct Route {
     pub backend: Backend,
     /// A PROXY protocol header to send the backend first.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Connect to the backend from the client's own address (see
+    /// `transparent`).
+    pub transparent: bool,
     /// At most this many of the route's connections at once.
     pub max_connections: Option<usize>,
 }
@@ -139,6 +152,7 @@ impl Route {
             strip_prefix: false,
             backend,
             proxy_protocol: None,
+            transparent: false,
             max_connections: None,
         }
     }
@@ -190,6 +204,9 @@ impl Route {
         }
         if let Some(v) = self.proxy_protocol {
             parts.push(format!("proxy_protocol={}", v.name()));
+        }
+        if self.transparent {
+            parts.push("transparent".into());
         }
         if parts.is_empty() {
             "-".to_string()

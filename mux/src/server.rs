@@ -293,6 +293,18 @@ impl Server {
         if config.max_kernel_bulk != old.config.max_kernel_bulk {
             log::warn!("reload: a new max_kernel_bulk takes a restart; keeping the old one");
         }
+        // Before anything changes: a transparent route that cannot work
+        // (no capability left after --user, no rule and no right to add
+        // one) refuses the reload.
+        let transparent = config.transparent_ports();
+        if !transparent.is_empty() {
+            let routed = crate::transparent::probe()
+                .and_then(|()| crate::transparent::route_answers(&transparent))
+                .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+            if transparent != old.config.transparent_ports() {
+                log::info!("reload: {routed}");
+            }
+        }
         let new_specs: Vec<String> = config
             .listen
             .iter()

@@ -16,5 +16,6 @@ mod privileged {
     mod netns;
     mod programs;
     mod takeover;
+    mod transparent;
     mod tunnel;
 }

@@ -17,6 +17,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use mux_common::BULK_SEND;
 
 use crate::ebpf::{self, EbpfError, KernelPrograms, Pending, Withdrawn};
+use crate::transparent;
 
 /// Published connections in a row that never sent in bulk after which
 /// `auto` stops publishing a backend's connections: publishing and
@@ -432,39 +433,36 @@ impl Kernel {
         &self.programs
     }
 
-    /// Connects to `addr` for `client`. When `addr` is an address of this
-    /// host, the connection is published first so that the kernel moves the
-    /// backend's bytes; otherwise (another host, or publishing refused) it
-    /// is a plain connection and the caller splices it.
+    /// Connects to `addr` for `client`, from `source` when given (see
+    /// `transparent`). When `addr` is an address of this host, the
+    /// connection is published first so that the kernel moves the backend's
+    /// bytes; otherwise (another host, or publishing refused) it is a plain
+    /// connection and the caller splices it.
     pub async fn dial(
         self: &Arc<Self>,
         client: &TcpStream,
         addr: SocketAddr,
+        source: Option<SocketAddr>,
     ) -> io::Result<(TcpStream, Option<Tracking>)> {
+        let (socket, from_client) = transparent::socket_for(addr, source)?;
         if self.off.load(Ordering::Relaxed) {
-            return Ok((TcpStream::connect(addr).await?, None));
+            return Ok((socket.connect(addr).await?, None));
         }
         match self.plan(addr) {
-            Plan::Plain => return Ok((TcpStream::connect(addr).await?, None)),
+            Plan::Plain => return Ok((socket.connect(addr).await?, None)),
             Plan::Watch => {
                 let watch = Watch {
                     kernel: self.clone(),
                     backend: addr,
                     told: AtomicBool::new(false),
                 };
-                return Ok((
-                    TcpStream::connect(addr).await?,
-                    Some(Tracking::Watch(watch)),
-                ));
+                return Ok((socket.connect(addr).await?, Some(Tracking::Watch(watch))));
             }
             Plan::Publish => {}
         }
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if addr.ip().is_unspecified() || !bind_if_local(&socket, addr)? {
+        // A socket bound to the client's address reaches a loopback backend
+        // (nothing else can be transparent): local.
+        if !from_client && (addr.ip().is_unspecified() || !bind_if_local(&socket, addr)?) {
             self.remote(addr);
             return Ok((socket.connect(addr).await?, None));
         }
@@ -557,32 +555,12 @@ fn probe_send_buffer() -> Result<(), EbpfError> {
 /// shared by 4-tuple as for any outgoing connection. Returns whether the
 /// address is local.
 fn bind_if_local(socket: &TcpSocket, addr: SocketAddr) -> io::Result<bool> {
-    set_bind_address_no_port(socket)?;
+    // IPv4 and IPv6 sockets alike.
+    super::enable(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
     match socket.bind(SocketAddr::new(addr.ip(), 0)) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
         Err(e) => Err(e),
-    }
-}
-
-/// `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike).
-fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd and an int option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

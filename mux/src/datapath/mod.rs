@@ -12,6 +12,7 @@ mod ebpf;
 mod splice;
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,69 @@ pub use self::ebpf::{Kernel, Lease, Tracking, Watch};
 use crate::config::DataPathKind;
 use crate::ebpf::EbpfError;
 use crate::route::Backend;
+
+/// Turns on a boolean socket option.
+pub(crate) fn enable(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and an int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Resolves `backend` now (names may move) and returns what `dial` makes
+/// of the first of its addresses that answers, all within `limit`. With a
+/// `source` (a transparent route's client), addresses of its family go
+/// first: only they can be reached from it.
+pub async fn first_answer<T, F, Fut>(
+    backend: &Backend,
+    limit: Duration,
+    source: Option<SocketAddr>,
+    mut dial: F,
+) -> io::Result<T>
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
+    let attempt = async {
+        let mut last_error = None;
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(backend.as_str()).await?.collect();
+        if let Some(source) = source.map(crate::transparent::unmapped) {
+            addrs.sort_by_key(|a| a.is_ipv4() != source.is_ipv4());
+        }
+        for addr in addrs {
+            match dial(addr).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
+        }))
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )),
+    }
+}
 
 /// What a relay moved before it ended, and why it ended early if it did.
 #[derive(Debug, Default)]
@@ -117,38 +181,25 @@ impl DataPath {
     }
 
     /// Resolves the backend now (names may move) and connects to the first
-    /// address that answers within `limit`, the way this path needs.
+    /// address that answers within `limit`, the way this path needs; from
+    /// `source` (the client's address, for a transparent route) if given.
     pub async fn connect(
         &self,
         client: &TcpStream,
         backend: &Backend,
         limit: Duration,
+        source: Option<SocketAddr>,
     ) -> io::Result<Connected> {
-        let attempt = async {
-            let mut last_error = None;
-            for addr in tokio::net::lookup_host(backend.as_str()).await? {
-                let dialed = match self {
-                    DataPath::Kernel(kernel) => kernel.dial(client, addr).await,
-                    DataPath::Splice | DataPath::Copy => {
-                        TcpStream::connect(addr).await.map(|s| (s, None))
-                    }
-                };
-                match dialed {
-                    Ok((stream, tracking)) => return Ok(Connected { stream, tracking }),
-                    Err(e) => last_error = Some(e),
+        first_answer(backend, limit, source, |addr| async move {
+            let (stream, tracking) = match self {
+                DataPath::Kernel(kernel) => kernel.dial(client, addr, source).await?,
+                DataPath::Splice | DataPath::Copy => {
+                    (crate::transparent::connect(addr, source).await?, None)
                 }
-            }
-            Err(last_error.unwrap_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
-            }))
-        };
-        match tokio::time::timeout(limit, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {limit:?}"),
-            )),
-        }
+            };
+            Ok(Connected { stream, tracking })
+        })
+        .await
     }
 
     /// Sends the backend `header` (not the client's: a PROXY protocol

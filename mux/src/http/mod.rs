@@ -332,19 +332,13 @@ impl HttpLayer {
     ) -> Result<SendRequest<Incoming>, ForwardError> {
         let route = &self.routes[index];
         let backend = &route.backend;
+        let source = route.transparent.then_some(upstreams.client);
         let mut stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(backend.as_str()))
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(ForwardError::Connect(e)),
-                Err(_) => {
-                    return Err(ForwardError::Connect(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {:?}", self.connect_timeout),
-                    )));
-                }
-            };
+            crate::datapath::first_answer(backend, self.connect_timeout, source, |addr| {
+                crate::transparent::connect(addr, source)
+            })
+            .await
+            .map_err(ForwardError::Connect)?;
         let _ = stream.set_nodelay(true);
         // These connections serve this one client only, so the header
         // describes every request that travels on them.

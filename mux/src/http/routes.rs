@@ -13,6 +13,8 @@ pub struct HttpRoute {
     pub backend: Backend,
     /// A PROXY protocol header opens each connection to the backend.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Each connection to the backend comes from the client's address.
+    pub transparent: bool,
 }
 
 /// Normalises a configured prefix: `/embedding-model/` and
@@ -76,6 +78,7 @@ mod tests {
             strip_prefix: strip,
             backend: Backend::parse("127.0.0.1:1").unwrap(),
             proxy_protocol: None,
+            transparent: false,
         }
     }
 

@@ -95,7 +95,7 @@ impl Tunnel {
             Reach::Address(backend) => {
                 let connected = match shared
                     .datapath
-                    .connect(&client, backend, shared.config.connect_timeout)
+                    .connect(&client, backend, shared.config.connect_timeout, None)
                     .await
                 {
                     Ok(c) => c,

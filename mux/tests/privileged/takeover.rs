@@ -75,9 +75,14 @@ fn start_mux(lab: &Lab, method: &str) -> Mux {
 
 /// The same, with more mux arguments (`--user nobody`).
 fn start_mux_with(lab: &Lab, method: &str, args: &[&str]) -> Mux {
+    start_mux_ssh(lab, method, "", args)
+}
+
+/// The same, with more keys for the ssh route (`transparent = true`).
+fn start_mux_ssh(lab: &Lab, method: &str, ssh_keys: &str, args: &[&str]) -> Mux {
     let config = format!(
         "listen = [\"0.0.0.0:2222\", \"[::]:2222\"]\n\
-         [[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n\
+         [[route]]\nname = \"ssh\"\nprotocol = \"ssh\"\nbackend = \"127.0.0.1:22\"\n{ssh_keys}\
          [[route]]\nname = \"web\"\nprotocol = \"http\"\nbackend = \"127.0.0.1:8080\"\n\
          [[route]]\nname = \"tls\"\nprotocol = \"tls\"\nbackend = \"127.0.0.1:8443\"\n\
          [takeover]\nports = [22]\nmethod = \"{method}\"\n"
@@ -232,6 +237,61 @@ fn sk_lookup_takes_port_22_and_sigkill_gives_it_back() {
     port_22_is_multiplexed(&lab, &host, &mut mux);
     sigkill(&mut mux);
     port_22_is_sshd_again(&lab, &host);
+}
+
+/// What sshd reports as the client's address (`$SSH_CLIENT`) for a login
+/// from the client host to `server`:`port`.
+fn ssh_client_seen(lab: &Lab, host: &ServerHost, server: &str, port: u16) -> String {
+    let (ok, out) = lab.client(
+        "ssh",
+        &[
+            host.sshd.ssh_args_to(server, port),
+            vec!["echo seen=$SSH_CLIENT".into()],
+        ]
+        .concat(),
+    );
+    assert!(ok, "ssh to {server}:{port}: {out}");
+    out.split("seen=")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// A transparent ssh route with port 22 taken over, both ways, after
+/// dropping root: sshd sees each client's own address (so its per-source
+/// penalties and logs are per client), though mux's connection to
+/// 127.0.0.1:22 now comes from that address and must not be taken over
+/// too. An IPv6 client cannot come from its address to an IPv4 backend:
+/// sshd sees mux's, and mux says why.
+#[test]
+fn sshd_sees_each_client_through_a_transparent_route() {
+    let lab = Lab::new();
+    let host = server_host(&lab);
+    let methods: &[&str] = if have_tool("iptables") {
+        &["sk_lookup", "iptables"]
+    } else {
+        assert!(can_run("iptables", false));
+        &["sk_lookup"]
+    };
+    for method in methods {
+        let mut mux = start_mux_ssh(&lab, method, "transparent = true\n", &["--user", "nobody"]);
+        mux.wait_log("keeping CAP_NET_RAW", Duration::from_secs(5))
+            .unwrap();
+        for port in [22, 2222] {
+            let seen = ssh_client_seen(&lab, &host, SERVER_V4, port);
+            assert!(
+                seen.starts_with(&format!("{CLIENT_V4} ")),
+                "{method} {port}: {seen}"
+            );
+        }
+        let seen = ssh_client_seen(&lab, &host, SERVER_V6, 22);
+        assert!(seen.starts_with("127.0.0.1 "), "{method} IPv6: {seen}");
+        mux.wait_log("differ in address family", Duration::from_secs(5))
+            .unwrap();
+        sigkill(&mut mux);
+        port_22_is_sshd_again(&lab, &host);
+    }
 }
 
 #[test]
