@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -122,6 +123,15 @@ impl Config {
     /// first request, and spliced like any other.
     pub fn routes_per_request(&self) -> bool {
         self.router.routes().iter().any(|r| r.path_prefix.is_some())
+    }
+
+    /// How to connect to backends, from `source` for a transparent route.
+    pub fn dial(&self, source: Option<SocketAddr>) -> crate::datapath::Dial {
+        crate::datapath::Dial {
+            limit: self.connect_timeout,
+            source,
+            keepalive: self.tcp_keepalive,
+        }
     }
 
     /// The loopback ports (per family) of transparent routes' backends,

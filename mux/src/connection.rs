@@ -52,7 +52,7 @@ impl Shared {
             Arc::new(HttpLayer::new(
                 config.http_routes(),
                 HttpSettings {
-                    connect_timeout: config.connect_timeout,
+                    dial: config.dial(None),
                     response_timeout: config.response_timeout,
                     forwarded_headers: config.forwarded_headers,
                 },
@@ -239,8 +239,7 @@ pub async fn serve(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr)
         .connect(
             &client,
             &route.backend,
-            shared.config.connect_timeout,
-            route.transparent.then_some(peer),
+            &shared.config.dial(route.transparent.then_some(peer)),
         )
         .await
     {

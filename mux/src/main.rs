@@ -118,12 +118,13 @@ fn serve(args: &cli::RunArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> 
         let (datapath, why) = DataPath::select(config.datapath, config.max_kernel_bulk)?;
         log::info!("datapath {why}");
         log::info!("routes:\n{}", config.describe().trim_end());
-        let transparent = !config.transparent_ports().is_empty();
+        let transparent_ports = config.transparent_ports();
+        let transparent = !transparent_ports.is_empty();
         if transparent {
             mux::transparent::probe().context("transparent routes")?;
             log::info!(
                 "{}",
-                mux::transparent::route_answers(&config.transparent_ports())
+                mux::transparent::route_answers(&transparent_ports)
                     .context("transparent routes")?
             );
         }

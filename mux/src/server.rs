@@ -25,7 +25,7 @@ use crate::admin::ReloadRequest;
 use crate::balance::{Balance, Handoff, Slot};
 use crate::config::{Config, Keepalive};
 use crate::connection::{self, Shared};
-use crate::datapath::DataPath;
+use crate::datapath::{DataPath, keep_alive};
 use crate::metrics::ResultLabels;
 use crate::takeover::{Active, Takeover, TakeoverError};
 
@@ -555,25 +555,11 @@ fn listen_on(addr: SocketAddr, keepalive: Keepalive) -> io::Result<std::net::Tcp
     // connection: every client socket wants it (keystrokes and streamed
     // tokens must not wait for Nagle; bulk fills its segments anyway).
     socket.set_tcp_nodelay(true)?;
+    // Accepted sockets inherit it too, with its timers.
     keep_alive(&socket, keepalive)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
-}
-
-/// Sets TCP keepalive on a listening socket: the sockets it accepts inherit
-/// it (and its timers), so it costs nothing per connection.
-fn keep_alive(socket: impl std::os::fd::AsFd, keepalive: Keepalive) -> io::Result<()> {
-    let socket = socket2::SockRef::from(&socket);
-    match keepalive {
-        Keepalive::Off => socket.set_keepalive(false),
-        Keepalive::System => socket.set_keepalive(true),
-        Keepalive::Idle(idle) => socket.set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval(idle.min(Keepalive::MAX_INTERVAL)),
-        ),
-    }
 }
 
 /// Out of descriptors, every worker's accept loop pauses; one line a second

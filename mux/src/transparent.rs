@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 use crate::datapath::enable;
 use crate::route::Backend;
@@ -105,42 +105,33 @@ fn set_transparent(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
     }
 }
 
-/// A socket for connecting to `backend`; bound to `client`'s address (its
-/// port too, as sslh does, unless another connection holds it) when given
-/// and of the backend's family. Returns whether it was bound.
-pub fn socket_for(
+/// Binds `socket`, about to connect to `backend`, to `client`'s address
+/// (its port too, as sslh does, unless another connection holds it) when
+/// given and of the backend's family. Returns whether it did.
+pub fn bind_client(
+    socket: &TcpSocket,
     backend: SocketAddr,
     client: Option<SocketAddr>,
-) -> io::Result<(TcpSocket, bool)> {
-    let socket = if backend.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+) -> io::Result<bool> {
     let Some(client) = client.map(unmapped) else {
-        return Ok((socket, false));
+        return Ok(false);
     };
     if client.is_ipv4() != backend.is_ipv4() {
         log::info!(
             "transparent: {client} and backend {backend} differ in address family; the backend sees mux's address"
         );
-        return Ok((socket, false));
+        return Ok(false);
     }
-    set_transparent(&socket, backend.is_ipv6())?;
+    set_transparent(socket, backend.is_ipv6())?;
     match socket.bind(client) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             // The kernel then picks a port free for the 4-tuple at connect.
-            enable(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
+            enable(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
             socket.bind(SocketAddr::new(client.ip(), 0))?;
         }
         other => other?,
     }
-    Ok((socket, true))
-}
-
-/// Connects to `backend`, from `client`'s address when given.
-pub async fn connect(backend: SocketAddr, client: Option<SocketAddr>) -> io::Result<TcpStream> {
-    socket_for(backend, client)?.0.connect(backend).await
+    Ok(true)
 }
 
 /// Whether this process may bind a client's address, tried on a socket of
@@ -289,15 +280,18 @@ mod tests {
     }
 
     #[test]
-    fn without_a_client_the_socket_is_left_unbound() {
-        let (socket, bound) = socket_for("127.0.0.1:9".parse().unwrap(), None).unwrap();
-        assert!(!bound);
+    fn without_a_client_of_its_family_the_socket_is_left_unbound() {
+        let backend: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        assert!(!bind_client(&socket, backend, None).unwrap());
+        let v6_client = Some("[2001:db8::7]:4242".parse().unwrap());
+        assert!(
+            !bind_client(&socket, backend, v6_client).unwrap(),
+            "an IPv6 client cannot be an IPv4 source"
+        );
         assert_eq!(
             socket.local_addr().unwrap(),
             "0.0.0.0:0".parse::<SocketAddr>().unwrap()
         );
-        let v6_client = Some("[2001:db8::7]:4242".parse().unwrap());
-        let (_, bound) = socket_for("127.0.0.1:9".parse().unwrap(), v6_client).unwrap();
-        assert!(!bound, "an IPv6 client cannot be an IPv4 source");
     }
 }

@@ -17,7 +17,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use mux_common::BULK_SEND;
 
 use crate::ebpf::{self, EbpfError, KernelPrograms, Pending, Withdrawn};
-use crate::transparent;
 
 /// Published connections in a row that never sent in bulk after which
 /// `auto` stops publishing a backend's connections: publishing and
@@ -433,18 +432,18 @@ impl Kernel {
         &self.programs
     }
 
-    /// Connects to `addr` for `client`, from `source` when given (see
-    /// `transparent`). When `addr` is an address of this host, the
-    /// connection is published first so that the kernel moves the backend's
-    /// bytes; otherwise (another host, or publishing refused) it is a plain
-    /// connection and the caller splices it.
+    /// Connects to `addr` for `client`, as `dial` says. When `addr` is an
+    /// address of this host, the connection is published first so that the
+    /// kernel moves the backend's bytes; otherwise (another host, or
+    /// publishing refused) it is a plain connection and the caller splices
+    /// it.
     pub async fn dial(
         self: &Arc<Self>,
         client: &TcpStream,
         addr: SocketAddr,
-        source: Option<SocketAddr>,
+        dial: &super::Dial,
     ) -> io::Result<(TcpStream, Option<Tracking>)> {
-        let (socket, from_client) = transparent::socket_for(addr, source)?;
+        let (socket, from_client) = dial.socket(addr)?;
         if self.off.load(Ordering::Relaxed) {
             return Ok((socket.connect(addr).await?, None));
         }

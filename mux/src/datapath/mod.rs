@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use self::adaptive::{Adaptive, Bulk};
 pub use self::ebpf::{Kernel, Lease, Tracking, Watch};
-use crate::config::DataPathKind;
+use crate::config::{DataPathKind, Keepalive};
 use crate::ebpf::EbpfError;
 use crate::route::Backend;
 
@@ -49,42 +49,89 @@ pub(crate) fn enable(
     }
 }
 
-/// Resolves `backend` now (names may move) and returns what `dial` makes
-/// of the first of its addresses that answers, all within `limit`. With a
-/// `source` (a transparent route's client), addresses of its family go
-/// first: only they can be reached from it.
-pub async fn first_answer<T, F, Fut>(
-    backend: &Backend,
-    limit: Duration,
-    source: Option<SocketAddr>,
-    mut dial: F,
-) -> io::Result<T>
-where
-    F: FnMut(SocketAddr) -> Fut,
-    Fut: Future<Output = io::Result<T>>,
-{
-    let attempt = async {
-        let mut last_error = None;
-        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(backend.as_str()).await?.collect();
-        if let Some(source) = source.map(crate::transparent::unmapped) {
-            addrs.sort_by_key(|a| a.is_ipv4() != source.is_ipv4());
+/// Sets TCP keepalive on a socket. On a listening one, the sockets it
+/// accepts inherit it (and its timers), so it costs nothing per connection.
+pub(crate) fn keep_alive(socket: impl std::os::fd::AsFd, keepalive: Keepalive) -> io::Result<()> {
+    let socket = socket2::SockRef::from(&socket);
+    match keepalive {
+        Keepalive::Off => socket.set_keepalive(false),
+        Keepalive::System => socket.set_keepalive(true),
+        Keepalive::Idle(idle) => socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(idle.min(Keepalive::MAX_INTERVAL)),
+        ),
+    }
+}
+
+/// How mux opens a connection to a backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    /// For the whole attempt, every address of a name included.
+    pub limit: Duration,
+    /// The client's address, for a transparent route.
+    pub source: Option<SocketAddr>,
+    /// For a backend off loopback: one on another host can vanish without
+    /// a FIN or a reset, and the client's own keepalive probes reach mux,
+    /// which answers them, not the backend. A loopback backend that dies
+    /// is reset by the kernel, so it costs those connections nothing.
+    pub keepalive: Keepalive,
+}
+
+impl Dial {
+    /// A socket to connect to `addr`, and whether it is bound to the
+    /// client's address.
+    pub fn socket(&self, addr: SocketAddr) -> io::Result<(TcpSocket, bool)> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if self.keepalive != Keepalive::Off && !addr.ip().is_loopback() {
+            keep_alive(&socket, self.keepalive)?;
         }
-        for addr in addrs {
-            match dial(addr).await {
-                Ok(t) => return Ok(t),
-                Err(e) => last_error = Some(e),
+        let bound = crate::transparent::bind_client(&socket, addr, self.source)?;
+        Ok((socket, bound))
+    }
+
+    /// A plain connection to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        self.socket(addr)?.0.connect(addr).await
+    }
+
+    /// Resolves `backend` now (names may move) and returns what `dial`
+    /// makes of the first of its addresses that answers, within `limit`.
+    /// With a `source`, addresses of its family go first: only they can be
+    /// reached from it.
+    pub async fn first_answer<T, F, Fut>(&self, backend: &Backend, mut dial: F) -> io::Result<T>
+    where
+        F: FnMut(SocketAddr) -> Fut,
+        Fut: Future<Output = io::Result<T>>,
+    {
+        let attempt = async {
+            let mut last_error = None;
+            let mut addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host(backend.as_str()).await?.collect();
+            if let Some(source) = self.source.map(crate::transparent::unmapped) {
+                addrs.sort_by_key(|a| a.is_ipv4() != source.is_ipv4());
             }
+            for addr in addrs {
+                match dial(addr).await {
+                    Ok(t) => return Ok(t),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            Err(last_error.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
+            }))
+        };
+        match tokio::time::timeout(self.limit, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.limit),
+            )),
         }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "name resolved to no address")
-        }))
-    };
-    match tokio::time::timeout(limit, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {limit:?}"),
-        )),
     }
 }
 
@@ -181,21 +228,17 @@ impl DataPath {
     }
 
     /// Resolves the backend now (names may move) and connects to the first
-    /// address that answers within `limit`, the way this path needs; from
-    /// `source` (the client's address, for a transparent route) if given.
+    /// address that answers, as `dial` says, the way this path needs.
     pub async fn connect(
         &self,
         client: &TcpStream,
         backend: &Backend,
-        limit: Duration,
-        source: Option<SocketAddr>,
+        dial: &Dial,
     ) -> io::Result<Connected> {
-        first_answer(backend, limit, source, |addr| async move {
+        dial.first_answer(backend, |addr| async move {
             let (stream, tracking) = match self {
-                DataPath::Kernel(kernel) => kernel.dial(client, addr, source).await?,
-                DataPath::Splice | DataPath::Copy => {
-                    (crate::transparent::connect(addr, source).await?, None)
-                }
+                DataPath::Kernel(kernel) => kernel.dial(client, addr, dial).await?,
+                DataPath::Splice | DataPath::Copy => (dial.connect(addr).await?, None),
             };
             Ok(Connected { stream, tracking })
         })
@@ -559,5 +602,31 @@ mod tests {
         .unwrap();
         assert_eq!(reader.await.unwrap(), 20 * 1024);
         assert_eq!(reports.last(), Some(&(20 * 1024, true)), "{reports:?}");
+    }
+
+    #[test]
+    fn keepalive_goes_on_backend_sockets_off_loopback_only() {
+        let dial = |keepalive| Dial {
+            limit: Duration::from_secs(1),
+            source: None,
+            keepalive,
+        };
+        let on = |d: Dial, addr: &str| {
+            let (socket, bound) = d.socket(addr.parse().unwrap()).unwrap();
+            assert!(!bound);
+            socket2::SockRef::from(&socket).keepalive().unwrap()
+        };
+        let idle = Keepalive::Idle(Duration::from_secs(30));
+        assert!(on(dial(idle), "192.0.2.1:22"));
+        assert!(on(dial(Keepalive::System), "[2001:db8::1]:22"));
+        assert!(!on(dial(Keepalive::Off), "192.0.2.1:22"));
+        assert!(!on(dial(idle), "127.0.0.1:22"));
+        assert!(!on(dial(idle), "[::1]:22"));
+        let (socket, _) = dial(idle).socket("192.0.2.1:22".parse().unwrap()).unwrap();
+        let socket = socket2::SockRef::from(&socket);
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
     }
 }

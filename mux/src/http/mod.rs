@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 
 use deadline::Deadlines;
 use rewind::Rewind;
+
+use crate::datapath::Dial;
 pub use routes::{HttpRoute, normalize_prefix};
 
 /// A backend's body as it streams in, or mux's own short answer.
@@ -36,7 +38,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The HTTP routes and how to reach their backends.
 pub struct HttpLayer {
     routes: Vec<HttpRoute>,
-    connect_timeout: Duration,
+    /// How to reach backends (a transparent route's adds the client).
+    dial: Dial,
     response_timeout: Duration,
     forwarded_headers: bool,
     /// Some route sends a PROXY protocol header, which needs each client
@@ -93,7 +96,7 @@ enum ForwardError {
 
 /// Knobs of the HTTP layer, from the configuration.
 pub struct HttpSettings {
-    pub connect_timeout: Duration,
+    pub dial: Dial,
     /// A backend that has not sent its response headers by then gets a 504.
     pub response_timeout: Duration,
     /// Whether to set X-Forwarded-For, -Proto and -Host.
@@ -105,7 +108,7 @@ impl HttpLayer {
         HttpLayer {
             proxy_headers: routes.iter().any(|r| r.proxy_protocol.is_some()),
             routes,
-            connect_timeout: settings.connect_timeout,
+            dial: settings.dial,
             response_timeout: settings.response_timeout,
             forwarded_headers: settings.forwarded_headers,
         }
@@ -332,11 +335,12 @@ impl HttpLayer {
     ) -> Result<SendRequest<Incoming>, ForwardError> {
         let route = &self.routes[index];
         let backend = &route.backend;
-        let source = route.transparent.then_some(upstreams.client);
-        let mut stream =
-            crate::datapath::first_answer(backend, self.connect_timeout, source, |addr| {
-                crate::transparent::connect(addr, source)
-            })
+        let dial = Dial {
+            source: route.transparent.then_some(upstreams.client),
+            ..self.dial
+        };
+        let mut stream = dial
+            .first_answer(backend, |addr| dial.connect(addr))
             .await
             .map_err(ForwardError::Connect)?;
         let _ = stream.set_nodelay(true);

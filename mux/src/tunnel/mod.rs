@@ -95,7 +95,7 @@ impl Tunnel {
             Reach::Address(backend) => {
                 let connected = match shared
                     .datapath
-                    .connect(&client, backend, shared.config.connect_timeout, None)
+                    .connect(&client, backend, &shared.config.dial(None))
                     .await
                 {
                     Ok(c) => c,
