@@ -109,14 +109,7 @@ fn url(host: &str) -> String {
 /// through mux, over IPv4 and IPv6.
 fn port_22_is_multiplexed(lab: &Lab, host: &ServerHost, mux: &mut Mux) {
     for server in [SERVER_V4, SERVER_V6] {
-        let (ok, out) = lab.client(
-            "ssh",
-            &[
-                host.sshd.ssh_args_to(server, 22),
-                vec!["echo via-$((20+2))".into()],
-            ]
-            .concat(),
-        );
+        let (ok, out) = ssh(lab, host, server, 22, "echo via-$((20+2))");
         assert!(ok && out.contains("via-22"), "ssh to {server}:22: {out}");
         let (ok, out) = lab.client(
             "curl",
@@ -163,14 +156,7 @@ fn port_22_is_multiplexed(lab: &Lab, host: &ServerHost, mux: &mut Mux) {
 /// meets sshd, not the web backend.
 fn port_22_is_sshd_again(lab: &Lab, host: &ServerHost) {
     for server in [SERVER_V4, SERVER_V6] {
-        let (ok, out) = lab.client(
-            "ssh",
-            &[
-                host.sshd.ssh_args_to(server, 22),
-                vec!["echo direct".into()],
-            ]
-            .concat(),
-        );
+        let (ok, out) = ssh(lab, host, server, 22, "echo direct");
         assert!(
             ok && out.contains("direct"),
             "ssh to {server}:22 without mux: {out}"
@@ -239,17 +225,19 @@ fn sk_lookup_takes_port_22_and_sigkill_gives_it_back() {
     port_22_is_sshd_again(&lab, &host);
 }
 
+/// Runs `command` over ssh from the client host to `server`:`port`:
+/// (success, output).
+fn ssh(lab: &Lab, host: &ServerHost, server: &str, port: u16, command: &str) -> (bool, String) {
+    lab.client(
+        "ssh",
+        &[host.sshd.ssh_args_to(server, port), vec![command.into()]].concat(),
+    )
+}
+
 /// What sshd reports as the client's address (`$SSH_CLIENT`) for a login
 /// from the client host to `server`:`port`.
 fn ssh_client_seen(lab: &Lab, host: &ServerHost, server: &str, port: u16) -> String {
-    let (ok, out) = lab.client(
-        "ssh",
-        &[
-            host.sshd.ssh_args_to(server, port),
-            vec!["echo seen=$SSH_CLIENT".into()],
-        ]
-        .concat(),
-    );
+    let (ok, out) = ssh(lab, host, server, port, "echo seen=$SSH_CLIENT");
     assert!(ok, "ssh to {server}:{port}: {out}");
     out.split("seen=")
         .nth(1)
@@ -394,14 +382,7 @@ fn sigterm_gives_port_22_back_at_once_and_drains_live_sessions() {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     mux.wait_log("takeover released", Duration::from_secs(5))
         .unwrap();
-    let (ok, out) = lab.client(
-        "ssh",
-        &[
-            host.sshd.ssh_args_to(SERVER_V4, 22),
-            vec!["echo direct-during-drain".into()],
-        ]
-        .concat(),
-    );
+    let (ok, out) = ssh(&lab, &host, SERVER_V4, 22, "echo direct-during-drain");
     assert!(ok && out.contains("direct-during-drain"), "{out}");
     assert!(mux.alive(), "mux did not wait for the live session");
     let (status, out, err) = live.join().unwrap();
