@@ -341,7 +341,8 @@ impl Server {
             }
         }
         let keepalive = new.config.tcp_keepalive;
-        if keepalive != old.config.tcp_keepalive {
+        let keepalive_changed = keepalive != old.config.tcp_keepalive;
+        if keepalive_changed {
             // On the listening sockets, for the connections they accept
             // from now on (the ones just added have it already).
             for socket in self.bound.iter().flat_map(|b| &b.sockets) {
@@ -372,7 +373,7 @@ impl Server {
         for a in &removed {
             done.push_str(&format!(", no longer listening on {a}"));
         }
-        if keepalive != old.config.tcp_keepalive {
+        if keepalive_changed {
             done.push_str(&format!(", tcp keepalive {}", keepalive.describe()));
         }
         if takeover_changed {

@@ -14,12 +14,12 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::process::Command;
 
 use tokio::net::TcpSocket;
 
-use crate::datapath::enable;
+use crate::datapath::bind_address_no_port;
 use crate::route::Backend;
 
 /// The routing table (and the rules' priority) mux's rules point to.
@@ -97,11 +97,12 @@ pub(crate) fn unmapped(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn set_transparent(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
+fn set_transparent(socket: &impl AsFd, v6: bool) -> io::Result<()> {
+    let socket = socket2::SockRef::from(socket);
     if v6 {
-        enable(socket, libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT)
+        socket.set_ip_transparent_v6(true)
     } else {
-        enable(socket, libc::IPPROTO_IP, libc::IP_TRANSPARENT)
+        socket.set_ip_transparent_v4(true)
     }
 }
 
@@ -126,7 +127,7 @@ pub fn bind_client(
     match socket.bind(client) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             // The kernel then picks a port free for the 4-tuple at connect.
-            enable(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
+            bind_address_no_port(socket)?;
             socket.bind(SocketAddr::new(client.ip(), 0))?;
         }
         other => other?,
@@ -137,9 +138,9 @@ pub fn bind_client(
 /// Whether this process may bind a client's address, tried on a socket of
 /// its own.
 pub fn probe() -> Result<(), TransparentError> {
-    let socket =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(TransparentError::Capability)?;
-    set_transparent(&socket, false).map_err(TransparentError::Capability)
+    TcpSocket::new_v4()
+        .and_then(|socket| set_transparent(&socket, false))
+        .map_err(TransparentError::Capability)
 }
 
 /// Makes sure the backends' answers to clients come back into the host:
@@ -148,11 +149,11 @@ pub fn probe() -> Result<(), TransparentError> {
 /// Adds what is missing (which needs CAP_NET_ADMIN) and returns a line
 /// saying what it did, for the log.
 pub fn route_answers(ports: &BTreeSet<(Family, u16)>) -> Result<String, TransparentError> {
-    let mut added = Vec::new();
+    let table = TABLE.to_string();
     let mut families: Vec<Family> = ports.iter().map(|(f, _)| *f).collect();
     families.dedup();
-    for family in families {
-        let table = TABLE.to_string();
+    let mut rules = Vec::new();
+    for &family in &families {
         let route = [
             family.flag(),
             "route",
@@ -172,12 +173,9 @@ pub fn route_answers(ports: &BTreeSet<(Family, u16)>) -> Result<String, Transpar
                 return Err(e);
             }
         }
+        rules.push((family, ip(&[family.flag(), "rule", "show"])?));
     }
-    let rules = [Family::V4, Family::V6]
-        .iter()
-        .filter(|f| ports.iter().any(|(g, _)| g == *f))
-        .map(|f| Ok((*f, ip(&[f.flag(), "rule", "show"])?)))
-        .collect::<Result<Vec<_>, TransparentError>>()?;
+    let mut added = Vec::new();
     for (family, port) in ports {
         let shown = &rules.iter().find(|(f, _)| f == family).expect("listed").1;
         let sport = format!("sport {port} ");
@@ -189,13 +187,13 @@ pub fn route_answers(ports: &BTreeSet<(Family, u16)>) -> Result<String, Transpar
         if there {
             continue;
         }
-        let (pref, table, port) = (TABLE.to_string(), TABLE.to_string(), port.to_string());
+        let port = port.to_string();
         ip(&[
             family.flag(),
             "rule",
             "add",
             "pref",
-            &pref,
+            &table,
             "from",
             family.loopback(),
             "iif",

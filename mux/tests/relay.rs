@@ -79,8 +79,9 @@ async fn half_close_by_the_backend_keeps_the_client_sending() {
 }
 
 /// A side that resets after its FIN, while the other side stays quiet, ends
-/// the pair at once and resets the other side, instead of leaving both
-/// connections open until the quiet side sends or closes.
+/// the pair at once and closes the other side's connection (see
+/// `reset_after_fin`), instead of leaving both open until the quiet side
+/// sends or closes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_side_reset_after_its_fin_ends_the_pair() {
     for dp in ["splice", "copy"] {

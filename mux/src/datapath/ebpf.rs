@@ -554,8 +554,7 @@ fn probe_send_buffer() -> Result<(), EbpfError> {
 /// shared by 4-tuple as for any outgoing connection. Returns whether the
 /// address is local.
 fn bind_if_local(socket: &TcpSocket, addr: SocketAddr) -> io::Result<bool> {
-    // IPv4 and IPv6 sockets alike.
-    super::enable(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
+    super::bind_address_no_port(socket)?;
     match socket.bind(SocketAddr::new(addr.ip(), 0)) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),

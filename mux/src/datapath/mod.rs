@@ -25,19 +25,18 @@ use crate::config::{DataPathKind, Keepalive};
 use crate::ebpf::EbpfError;
 use crate::route::Backend;
 
-/// Turns on a boolean socket option.
-pub(crate) fn enable(
-    socket: &impl std::os::fd::AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> io::Result<()> {
+/// `IP_BIND_ADDRESS_NO_PORT` (IPv4 and IPv6 sockets alike): a bind to an
+/// address leaves the port to `connect`, which picks one free for the
+/// 4-tuple rather than for the address alone.
+pub(crate) fn bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and an int option value of the right size.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            level,
-            name,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
             (&raw const one).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -110,12 +109,14 @@ impl Dial {
     {
         let attempt = async {
             let mut last_error = None;
-            let mut addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host(backend.as_str()).await?.collect();
-            if let Some(source) = self.source.map(crate::transparent::unmapped) {
+            let mut found = tokio::net::lookup_host(backend.as_str()).await?;
+            // Reordered (so collected) for a transparent route only.
+            let ordered = self.source.map(crate::transparent::unmapped).map(|source| {
+                let mut addrs: Vec<SocketAddr> = found.by_ref().collect();
                 addrs.sort_by_key(|a| a.is_ipv4() != source.is_ipv4());
-            }
-            for addr in addrs {
+                addrs
+            });
+            for addr in ordered.into_iter().flatten().chain(found) {
                 match dial(addr).await {
                     Ok(t) => return Ok(t),
                     Err(e) => last_error = Some(e),

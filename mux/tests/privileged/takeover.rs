@@ -256,10 +256,11 @@ fn ssh_client_seen(lab: &Lab, host: &ServerHost, server: &str, port: u16) -> Str
 fn sshd_sees_each_client_through_a_transparent_route() {
     let lab = Lab::new();
     let host = server_host(&lab);
-    let methods: &[&str] = if have_tool("iptables") {
+    // Under CI a missing iptables fails the test; elsewhere only its half
+    // is skipped.
+    let methods: &[&str] = if can_run("iptables", have_tool("iptables")) {
         &["sk_lookup", "iptables"]
     } else {
-        assert!(can_run("iptables", false));
         &["sk_lookup"]
     };
     for method in methods {
